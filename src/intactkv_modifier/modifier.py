@@ -1,0 +1,137 @@
+"""``IntactKVModifier``: keep the pivot tokens' KV cache in full precision.
+
+When the prefix KV is captured is the whole difficulty. It must be in the basis
+of the *deployed* model (after SpinQuant/QuIP rotations and AWQ/SmoothQuant
+scaling) yet computed with full-precision weights. In llm-compressor's default
+``independent`` pipeline each modifier calibrates in turn, in recipe order, and
+only weight quantizers (GPTQ, QuantizationModifier, AutoRound) switch layers to
+the ``CALIBRATION`` quantization status when their own calibration starts, after
+every earlier transform has run and before any weight is rounded. So the
+modifier captures at the first moment a layer runs while a quantizer is
+calibrating (a forward pre-hook on the first decoder layer), with fake-quant
+off; for data-free quantizers, which run no forward, it captures at its own
+calibration, and at the latest at finalize. Its position in the recipe does not
+matter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import QuantizationStatus
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from loguru import logger
+from pydantic import Field, PrivateAttr
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from intactkv_modifier.architecture import attention_modules, kv_geometry
+from intactkv_modifier.capture import PrefixKV, capture_prefix_kv, model_kv_for_prefix
+from intactkv_modifier.prefix import resolve_prefix_token_ids
+from intactkv_modifier.runtime import intact_kv_disabled
+from intactkv_modifier.storage import attach_intact_kv
+
+__all__ = ["IntactKVModifier"]
+
+_CALIBRATING = (QuantizationStatus.CALIBRATION, QuantizationStatus.FROZEN, QuantizationStatus.COMPRESSED)
+
+
+class IntactKVModifier(Modifier):
+    """Store the full-precision KV of the prompt prefix and use it instead of the quantized model's.
+
+    Place it anywhere in a recipe with a weight quantizer (after GPTQ/AWQ/rotations
+    reads naturally). After ``oneshot`` the model carries the prefix KV, uses it in
+    ``forward``/``generate``, and ``save_pretrained`` writes it into the checkpoint.
+
+    :param prefix_token_ids: explicit prefix token ids (e.g. ``[1]``)
+    :param prefix_text: fixed text every prompt starts with, e.g. a chat template's
+        system prompt; tokenized with the model's tokenizer, special tokens included
+    :param tokenizer: path or hub id of the tokenizer; defaults to the model's own
+        folder. Needed unless ``prefix_token_ids`` is given.
+    """
+
+    prefix_token_ids: list[int] | None = Field(default=None, min_length=1)
+    prefix_text: str | None = Field(default=None, min_length=1)
+    tokenizer: str | None = None
+
+    _prefix_ids: list[int] = PrivateAttr(default_factory=list)
+    _captured: PrefixKV | None = PrivateAttr(default=None)
+
+    @property
+    def resolved_prefix_token_ids(self) -> list[int]:
+        return list(self._prefix_ids)
+
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        model = state.model
+        attentions = attention_modules(model)
+        tokenizer = None if self.prefix_token_ids is not None else self._load_tokenizer(model)
+        self._prefix_ids = resolve_prefix_token_ids(
+            prefix_token_ids=self.prefix_token_ids,
+            prefix_text=self.prefix_text,
+            tokenizer=tokenizer,
+            max_positions=kv_geometry(model.config).max_position_embeddings,
+        )
+        self._captured = None
+
+        def capture_when_quantizer_calibrates(module: torch.nn.Module, args: tuple) -> None:
+            if self._captured is None and _quantizer_started(model):
+                self._capture(model, "first forward of weight-quantizer calibration")
+
+        self.register_hook(attentions[0], capture_when_quantizer_calibrates, "forward_pre")
+        logger.info(f"IntactKV: prefix token ids {self._prefix_ids} ({len(attentions)} attention layers)")
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        if self._captured is None and _quantizer_started(state.model):
+            self._capture(state.model, "calibration start (data-free quantizer already calibrated)")
+
+    def on_finalize(self, state: State, **kwargs: Any) -> bool:
+        model = state.model
+        self.remove_hooks()
+        if self._captured is None:
+            self._capture(model, "finalize (no quantizer calibrated with data)")
+        self._log_replaced_error(model)
+        attach_intact_kv(model, self._prefix_ids, self._captured)
+        return True
+
+    # internals -------------------------------------------------------------
+
+    def _capture(self, model: PreTrainedModel, moment: str) -> None:
+        self._captured = capture_prefix_kv(model, self._prefix_ids)
+        logger.info(f"IntactKV: captured full-precision prefix KV at {moment}")
+
+    def _log_replaced_error(self, model: PreTrainedModel) -> None:
+        """How far the quantized model's own prefix KV is from the stored one: what IntactKV fixes."""
+        assert self._captured is not None
+        with intact_kv_disabled(model):
+            quantized = model_kv_for_prefix(model, self._prefix_ids)
+        key_error = _mean_relative_error(quantized.keys, self._captured.keys)
+        value_error = _mean_relative_error(quantized.values, self._captured.values)
+        logger.info(
+            f"IntactKV: the quantized model's prefix KV differs from full precision by "
+            f"{key_error:.2%} (keys) and {value_error:.2%} (values) on average; the stored KV replaces it"
+        )
+
+    def _load_tokenizer(self, model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
+        source = self.tokenizer or getattr(model.config, "_name_or_path", None)
+        if not source:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            if self.tokenizer is not None:
+                raise ValueError(f"IntactKV could not load tokenizer {self.tokenizer!r}: {error}") from error
+            logger.debug(f"IntactKV: no tokenizer at {source!r}: {error}")
+            return None
+
+
+def _quantizer_started(model: torch.nn.Module) -> bool:
+    return any(getattr(module, "quantization_status", None) in _CALIBRATING for module in model.modules())
+
+
+def _mean_relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+    errors = [
+        float((a.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12)) for a, e in zip(approx, exact)
+    ]
+    return sum(errors) / len(errors)

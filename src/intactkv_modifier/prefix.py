@@ -1,0 +1,62 @@
+"""Which tokens are the pivot prefix.
+
+IntactKV only helps for tokens that start *every* prompt, so the prefix must be
+exactly what the tokenizer puts first: its BOS token when it adds one, or the
+fixed text (a chat template's system prompt) tokenized the way prompts are.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["resolve_prefix_token_ids"]
+
+
+def resolve_prefix_token_ids(
+    *,
+    prefix_token_ids: list[int] | None,
+    prefix_text: str | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_positions: int | None,
+) -> list[int]:
+    """Decide the prefix, raising an error that names the setting to fix when it cannot."""
+    if prefix_token_ids is not None and prefix_text is not None:
+        raise ValueError("Set either `prefix_token_ids` or `prefix_text`, not both.")
+
+    if prefix_token_ids is not None:
+        ids = list(prefix_token_ids)
+    elif prefix_text is not None:
+        if tokenizer is None:
+            raise ValueError(
+                "`prefix_text` needs a tokenizer: pass `tokenizer=<path or hub id>` to IntactKVModifier, "
+                "or give `prefix_token_ids` instead."
+            )
+        ids = list(tokenizer(prefix_text, add_special_tokens=True)["input_ids"])
+    else:
+        ids = _bos_prefix(tokenizer)
+
+    if not ids:
+        raise ValueError("The IntactKV prefix is empty; it needs at least one token.")
+    if max_positions is not None and len(ids) >= max_positions:
+        raise ValueError(
+            f"The IntactKV prefix has {len(ids)} tokens but the model's context is {max_positions} "
+            "positions; the prefix must be shorter than the context."
+        )
+    return ids
+
+
+def _bos_prefix(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    if tokenizer is None:
+        raise ValueError(
+            "IntactKV defaults to the tokenizer's [BOS] token but no tokenizer was found; pass "
+            "`tokenizer=<path>`, or set `prefix_token_ids` (e.g. [1]) or `prefix_text`."
+        )
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("Hello", add_special_tokens=True)["input_ids"]
+    if bos is None or not probe or probe[0] != bos:
+        raise ValueError(
+            f"{type(tokenizer).__name__} does not start prompts with a BOS token, so IntactKV has no "
+            "default prefix. Set `prefix_text` to the fixed text every prompt starts with (e.g. the "
+            "chat template's system prompt) or `prefix_token_ids`."
+        )
+    return [bos]

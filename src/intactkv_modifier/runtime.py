@@ -1,0 +1,240 @@
+"""Splicing the stored prefix K/V into the KV a model computes, at prefill.
+
+The splice happens where the attention layer hands its fresh post-RoPE keys and
+values to the cache (``past_key_values.update``): the slice that belongs to the
+prefix is replaced before it is stored or attended to. So the stored KV is used
+by the prefill itself, stays in the cache for every decoding step, works with
+any cache class and with ``use_cache=False``, and costs nothing afterwards.
+
+A row gets the stored KV only when it provably starts with the prefix at
+positions ``0..P-1`` (left padding allowed); any other row runs unchanged, so a
+prompt IntactKV does not apply to is never answered wrongly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from loguru import logger
+
+from intactkv_modifier.architecture import attention_modules, decoder_stack, kv_geometry
+from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
+
+__all__ = ["IntactKVRuntime", "intact_kv_disabled", "splice_prefix"]
+
+
+@dataclass(frozen=True)
+class SplicePlan:
+    """Rows of the current prefill that start with the prefix, and where it starts in each."""
+
+    rows: tuple[int, ...]
+    starts: tuple[int, ...]
+    batch_size: int
+
+    @property
+    def covers_batch_at_zero(self) -> bool:
+        return len(self.rows) == self.batch_size and not any(self.starts)
+
+
+def splice_prefix(states: torch.Tensor, prefix: torch.Tensor, plan: SplicePlan) -> torch.Tensor:
+    """Replace each planned row's prefix slice of ``states`` ``[B, H, T, D]`` by ``prefix`` ``[H, P, D]``.
+
+    Out of place, so gradients reach ``prefix`` when it is being calibrated.
+    """
+    prefix = prefix.to(device=states.device, dtype=states.dtype)
+    length = prefix.shape[1]
+    if plan.covers_batch_at_zero:
+        batch_prefix = prefix.unsqueeze(0).expand(states.shape[0], -1, -1, -1)
+        return torch.cat([batch_prefix, states[:, :, length:]], dim=2)
+    spliced = states.clone()
+    for row, start in zip(plan.rows, plan.starts):
+        spliced[row, :, start : start + length] = prefix
+    return spliced
+
+
+class _SplicingCache:
+    """Stands in for ``past_key_values`` inside one attention call during a planned prefill."""
+
+    def __init__(self, inner: Any, attention: torch.nn.Module, plan: SplicePlan):
+        self._inner = inner
+        self._attention = attention
+        self._plan = plan
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key_states = splice_prefix(key_states, getattr(self._attention, KEY_BUFFER), self._plan)
+        value_states = splice_prefix(value_states, getattr(self._attention, VALUE_BUFFER), self._plan)
+        if self._inner is None:
+            return key_states, value_states
+        return self._inner.update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if self._inner is None:
+            raise AttributeError(f"IntactKV splices without a cache; `{name}` is not available")
+        return getattr(self._inner, name)
+
+
+class IntactKVRuntime:
+    """The hooks that make a model use its stored prefix K/V. One per decoder stack."""
+
+    ATTRIBUTE = "_intactkv_runtime"
+
+    def __init__(self, decoder: torch.nn.Module, attentions: list[torch.nn.Module], prefix_token_ids: list[int]):
+        self.prefix_token_ids = list(prefix_token_ids)
+        self._plan: SplicePlan | None = None
+        self._enabled = True
+        self._kv_shape: tuple[int, int] | None = None
+        self._warned_unmatched = False
+        self._checked_buffers = False
+        self._attentions = attentions
+        self._handles = [
+            decoder.register_forward_pre_hook(self._plan_prefill, with_kwargs=True),
+            decoder.register_forward_hook(self._end_forward, always_call=True),
+        ]
+        self._handles += [
+            attention.register_forward_pre_hook(self._wrap_cache, with_kwargs=True) for attention in attentions
+        ]
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, prefix_token_ids: list[int]) -> IntactKVRuntime:
+        """Install once per decoder stack; a second call updates the prefix of the existing runtime."""
+        decoder = decoder_stack(model)
+        runtime = getattr(decoder, cls.ATTRIBUTE, None)
+        if runtime is None:
+            runtime = cls(decoder, attention_modules(model), prefix_token_ids)
+            geometry = kv_geometry(model.config)
+            runtime._kv_shape = (geometry.num_key_value_heads, geometry.head_dim)
+            object.__setattr__(decoder, cls.ATTRIBUTE, runtime)
+        else:
+            runtime.prefix_token_ids = list(prefix_token_ids)
+        return runtime
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> IntactKVRuntime | None:
+        return getattr(decoder_stack(model), cls.ATTRIBUTE, None)
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        enabled, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = enabled
+
+    # hooks -----------------------------------------------------------------
+
+    def _plan_prefill(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._plan = None
+        if not self._enabled:
+            return
+        past = kwargs.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0:
+            return  # decoding: the prefix KV was spliced in at prefill and lives in the cache
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            self._warn_once("the model was called with inputs_embeds, which IntactKV cannot match to the prefix")
+            return
+        self._check_buffers()
+        plan = self._match_rows(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        unmatched = input_ids.shape[0] - len(plan.rows)
+        if unmatched:
+            self._warn_once(
+                f"{unmatched} of {input_ids.shape[0]} prompts do not start with the stored prefix "
+                f"{self.prefix_token_ids} at positions 0..{len(self.prefix_token_ids) - 1}; "
+                "they run without IntactKV"
+            )
+        self._plan = plan if plan.rows else None
+
+    def _end_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._plan = None
+
+    def _wrap_cache(self, attention: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._plan is None:
+            return None
+        kwargs["past_key_values"] = _SplicingCache(kwargs.get("past_key_values"), attention, self._plan)
+        return args, kwargs
+
+    # helpers ---------------------------------------------------------------
+
+    def _match_rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> SplicePlan:
+        batch, length = input_ids.shape
+        prefix = torch.tensor(self.prefix_token_ids, device=input_ids.device)
+        size = prefix.numel()
+        if length < size:
+            return SplicePlan(rows=(), starts=(), batch_size=batch)
+
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask.bool()
+            starts = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), torch.full_like(mask[:, 0], length, dtype=torch.long))
+        else:
+            mask = None
+            starts = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+
+        rows, row_starts = [], []
+        for row, start in enumerate(starts.tolist()):
+            if start + size > length or not torch.equal(input_ids[row, start : start + size], prefix):
+                continue
+            if mask is not None and not bool(mask[row, start : start + size].all()):
+                continue
+            if not self._prefix_at_first_positions(position_ids, row, start, size):
+                continue
+            rows.append(row)
+            row_starts.append(start)
+        return SplicePlan(rows=tuple(rows), starts=tuple(row_starts), batch_size=batch)
+
+    @staticmethod
+    def _prefix_at_first_positions(position_ids: torch.Tensor | None, row: int, start: int, size: int) -> bool:
+        """The stored keys carry RoPE for positions 0..P-1, so the prefix must sit exactly there."""
+        if position_ids is None or position_ids.dim() != 2:
+            return start == 0
+        positions = position_ids[row if position_ids.shape[0] > 1 else 0, start : start + size]
+        return torch.equal(positions, torch.arange(size, device=positions.device, dtype=positions.dtype))
+
+    def _check_buffers(self) -> None:
+        if self._checked_buffers:
+            return
+        for attention in self._attentions:
+            for name in (KEY_BUFFER, VALUE_BUFFER):
+                tensor = getattr(attention, name)
+                expected = self._expected_shape()
+                if expected is not None and tuple(tensor.shape) != expected:
+                    raise RuntimeError(
+                        f"IntactKV tensor `{name}` of layer {attention.layer_idx} has shape {tuple(tensor.shape)}, "
+                        f"but the config block declares {expected} ({len(self.prefix_token_ids)} prefix tokens); "
+                        "the checkpoint's prefix KV does not match its config."
+                    )
+                if tensor.is_meta or not bool(torch.isfinite(tensor).all()):
+                    raise RuntimeError(
+                        f"IntactKV tensor `{name}` of layer {attention.layer_idx} was not loaded (missing or "
+                        "non-finite); the checkpoint's config announces IntactKV but its weights lack the prefix KV."
+                    )
+        self._checked_buffers = True
+
+    def _expected_shape(self) -> tuple[int, int, int] | None:
+        if self._kv_shape is None:
+            return None
+        heads, head_dim = self._kv_shape
+        return (heads, len(self.prefix_token_ids), head_dim)
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned_unmatched:
+            logger.warning(f"IntactKV: {message}.")
+            self._warned_unmatched = True
+
+
+@contextmanager
+def intact_kv_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` as if it had no intact prefix KV: the plain quantized baseline, same weights."""
+    runtime = IntactKVRuntime.of(model)
+    if runtime is None:
+        yield
+        return
+    with runtime.suspended():
+        yield

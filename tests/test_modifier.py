@@ -1,0 +1,138 @@
+"""IntactKVModifier inside real llm-compressor recipes: when it captures, what it stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from llmcompressor import oneshot
+from llmcompressor.recipe import Recipe
+from llmcompressor.modifiers.quantization import GPTQModifier
+from llmcompressor.modifiers.transform import SpinQuantModifier
+from pydantic import ValidationError
+from tiny_models import BOS, calibration_dataset, load, load_tokenizer
+
+from intactkv_modifier import IntactKVModifier, PrefixKV, capture_prefix_kv, intact_kv_disabled, prefix_kv_of
+from intactkv_modifier.capture import model_kv_for_prefix
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def gptq() -> GPTQModifier:
+    return GPTQModifier(scheme="W4A16", targets="Linear", ignore=["lm_head"])
+
+
+def quantize(model_dir: Path, recipe) -> torch.nn.Module:
+    model = load(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=calibration_dataset(tokenizer),
+        recipe=recipe,
+        num_calibration_samples=4,
+        max_seq_length=32,
+    )
+    return model
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def assert_same_kv(actual: PrefixKV, expected: PrefixKV) -> None:
+    assert max_difference(actual.keys, expected.keys) <= 1e-6
+    assert max_difference(actual.values, expected.values) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("architecture", "modifier"),
+    [
+        ("llama", IntactKVModifier()),
+        ("qwen3", IntactKVModifier()),
+        ("qwen2", IntactKVModifier(prefix_token_ids=[11, 12, 13])),
+    ],
+)
+def test_gptq_stores_full_precision_kv_not_quantized_kv(tiny_model_dirs, architecture, modifier):
+    model_dir = tiny_model_dirs[architecture]
+    prefix = modifier.prefix_token_ids or [BOS]
+    full_precision = capture_prefix_kv(load(model_dir), prefix)
+
+    model = quantize(model_dir, [gptq(), modifier])
+    with intact_kv_disabled(model):
+        quantized = model_kv_for_prefix(model, prefix)
+
+    assert_same_kv(prefix_kv_of(model), full_precision)
+    assert max_difference(quantized.keys, full_precision.keys) > 1e-3
+    assert max_difference(quantized.values, full_precision.values) > 1e-3
+
+
+def test_capture_does_not_depend_on_recipe_position(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    after = prefix_kv_of(quantize(model_dir, [gptq(), IntactKVModifier()]))
+    before = prefix_kv_of(quantize(model_dir, [IntactKVModifier(), gptq()]))
+    assert_same_kv(before, after)
+
+
+def test_gptq_weights_are_unaffected_by_the_capture(tiny_model_dirs):
+    """The capture's forward pass must not leak into GPTQ's Hessians."""
+    model_dir = tiny_model_dirs["llama"]
+    plain = quantize(model_dir, [gptq()])
+    with_intact = quantize(model_dir, [gptq(), IntactKVModifier()])
+    for (name, a), (_, b) in zip(plain.named_parameters(), with_intact.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_rotated_recipe_stores_the_rotated_full_precision_kv(tiny_model_dirs):
+    model_dir = tiny_model_dirs["llama"]
+    unrotated = capture_prefix_kv(load(model_dir), [BOS])
+    rotated_model = quantize(model_dir, [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard")])
+    rotated = capture_prefix_kv(rotated_model, [BOS])
+
+    model = quantize(
+        model_dir,
+        [IntactKVModifier(), SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"), gptq()],
+    )
+    stored = prefix_kv_of(model)
+
+    assert max_difference(stored.keys, rotated.keys) <= 1e-5
+    assert max_difference(stored.values, rotated.values) <= 1e-5
+    assert max_difference(stored.values, unrotated.values) > 1e-2  # R2 rotates the value heads
+
+
+def _runnable_here(recipe: Path):
+    """llm-compressor 0.14's AWQ pins its activation cache in page-locked memory, which needs CUDA."""
+    needs_cuda = "AWQModifier" in recipe.read_text()
+    marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason="AWQ in llm-compressor 0.14 needs CUDA")]
+    return pytest.param(recipe, id=recipe.stem, marks=marks if needs_cuda else [])
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_yaml_recipes_name_the_modifier(recipe):
+    stages = Recipe.create_instance(str(recipe)).modifiers
+    assert [type(m).__name__ for m in stages][-1] == "IntactKVModifier"
+
+
+@pytest.mark.parametrize("recipe", [_runnable_here(p) for p in sorted(RECIPES.glob("*.yaml"))])
+def test_shipped_yaml_recipes_run_and_store_full_precision_kv(tiny_model_dirs, recipe):
+    model = quantize(tiny_model_dirs["llama"], str(recipe))
+    stored = prefix_kv_of(model)
+    with intact_kv_disabled(model):
+        quantized = model_kv_for_prefix(model, [BOS])
+    assert max_difference(stored.values, quantized.values) > 1e-3
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ValidationError, match="prefix_tokens"):
+        IntactKVModifier(prefix_tokens=[1])
+
+
+def test_prefix_longer_than_context_is_rejected(tiny_model_dirs):
+    with pytest.raises(ValueError, match="must be shorter than the context"):
+        quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(prefix_token_ids=[5] * 64)])
+
+
+def test_model_without_bos_needs_an_explicit_prefix(tiny_model_dirs):
+    with pytest.raises(ValueError, match="prefix_text"):
+        quantize(tiny_model_dirs["qwen2"], [gptq(), IntactKVModifier(tokenizer=str(tiny_model_dirs["qwen2"]))])

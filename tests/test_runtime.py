@@ -1,0 +1,157 @@
+"""The stored prefix KV is used exactly where it applies, and nowhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loguru import logger
+from tiny_models import ARCHITECTURES, BOS, load, load_tokenizer, text_samples
+
+from intactkv_modifier import PrefixKV, attach_intact_kv, capture_prefix_kv, intact_kv_disabled
+
+
+def _prefix_of(tokenizer) -> list[int]:
+    """Llama/Qwen3 tokenizers add BOS; Qwen2's does not, so its prefix is a fixed text."""
+    if tokenizer.bos_token_id is not None:
+        return [BOS]
+    return tokenizer("w7 w8 w9")["input_ids"]
+
+
+def _prompts(tokenizer, prefix: list[int], lengths: tuple[int, ...]) -> list[list[int]]:
+    """Token id rows with bodies of the given lengths, each starting with the prefix."""
+    texts = text_samples(len(lengths), max(lengths))
+    return [
+        prefix + tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+        for text, length in zip(texts, lengths)
+    ]
+
+
+def _scaled(kv: PrefixKV, factor: float) -> PrefixKV:
+    return PrefixKV(keys=[k * factor for k in kv.keys], values=[v * factor for v in kv.values])
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_own_full_precision_kv_leaves_logits_unchanged(tiny_model_dirs, architecture):
+    model = load(tiny_model_dirs[architecture])
+    tokenizer = load_tokenizer(tiny_model_dirs[architecture])
+    prefix = _prefix_of(tokenizer)
+    ids = torch.tensor(_prompts(tokenizer, prefix, (12, 12, 12)))
+    plain = model(input_ids=ids).logits
+
+    attach_intact_kv(model, prefix, capture_prefix_kv(model, prefix))
+    with_intact = model(input_ids=ids).logits
+
+    torch.testing.assert_close(with_intact, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_stored_kv_replaces_the_prefix_kv(tiny_model_dirs, architecture):
+    model = load(tiny_model_dirs[architecture])
+    tokenizer = load_tokenizer(tiny_model_dirs[architecture])
+    prefix = _prefix_of(tokenizer)
+    ids = torch.tensor(_prompts(tokenizer, prefix, (10,)))
+    plain = model(input_ids=ids).logits
+
+    attach_intact_kv(model, prefix, _scaled(capture_prefix_kv(model, prefix), 3.0))
+    changed = model(input_ids=ids).logits
+    with intact_kv_disabled(model):
+        disabled = model(input_ids=ids).logits
+
+    assert (changed - plain).abs().max() > 1e-3
+    torch.testing.assert_close(disabled, plain, atol=0, rtol=0)
+
+
+def test_generate_with_cache_equals_full_recompute(tiny_model_dirs):
+    """Greedy decoding reuses the spliced prefix KV from the cache at every step."""
+    model = load(tiny_model_dirs["llama"])
+    tokenizer = load_tokenizer(tiny_model_dirs["llama"])
+    attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))
+    ids = torch.tensor(_prompts(tokenizer, [BOS], (6,)))
+
+    generated = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    recomputed = ids
+    for _ in range(8):
+        next_token = model(input_ids=recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        recomputed = torch.cat([recomputed, next_token], dim=1)
+
+    assert torch.equal(generated, recomputed)
+
+
+def test_sampling_is_reproducible_and_uses_the_prefix(tiny_model_dirs):
+    model = load(tiny_model_dirs["llama"])
+    tokenizer = load_tokenizer(tiny_model_dirs["llama"])
+    ids = torch.tensor(_prompts(tokenizer, [BOS], (6,)))
+    kwargs = dict(input_ids=ids, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0)
+    torch.manual_seed(3)
+    plain = model.generate(**kwargs)
+
+    attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+    torch.manual_seed(3)
+    with_own_kv = model.generate(**kwargs)
+
+    assert torch.equal(plain, with_own_kv)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_left_padded_batch_equals_unbatched(tiny_model_dirs, architecture):
+    model = load(tiny_model_dirs[architecture])
+    tokenizer = load_tokenizer(tiny_model_dirs[architecture])
+    prefix = _prefix_of(tokenizer)
+    attach_intact_kv(model, prefix, _scaled(capture_prefix_kv(model, prefix), 2.0))
+    rows = _prompts(tokenizer, prefix, (4, 9, 6))
+    ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+
+    batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for index, row in enumerate(rows):
+        single = model.generate(input_ids=torch.tensor([row]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert batched[index, -6:].tolist() == single[0, -6:].tolist()
+
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    batched_logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    for index, row in enumerate(rows):
+        single_logits = model(input_ids=torch.tensor([row])).logits[0]
+        torch.testing.assert_close(batched_logits[index, -len(row) :], single_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_without_the_prefix_run_unchanged_with_one_warning(tiny_model_dirs):
+    model = load(tiny_model_dirs["llama"])
+    tokenizer = load_tokenizer(tiny_model_dirs["llama"])
+    attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))
+    with_bos = _prompts(tokenizer, [BOS], (8,))[0]
+    without_bos = with_bos[1:] + [5]
+    ids = torch.tensor([with_bos, without_bos])
+    with intact_kv_disabled(model):
+        plain = model(input_ids=ids).logits
+
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        mixed = model(input_ids=ids).logits
+        model(input_ids=ids)
+    finally:
+        logger.remove(sink)
+
+    torch.testing.assert_close(mixed[1], plain[1], atol=0, rtol=0)
+    assert (mixed[0] - plain[0]).abs().max() > 1e-3
+    assert len([m for m in messages if "do not start with the stored prefix" in m]) == 1
+
+
+def test_prefix_off_position_zero_is_not_spliced(tiny_model_dirs):
+    """Left padding without position ids puts the prefix at later positions, where the stored keys' RoPE would be wrong."""
+    model = load(tiny_model_dirs["llama"])
+    tokenizer = load_tokenizer(tiny_model_dirs["llama"])
+    attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))
+    ids, mask = _left_pad(_prompts(tokenizer, [BOS], (3, 8)), tokenizer.pad_token_id)
+    with intact_kv_disabled(model):
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    spliced = model(input_ids=ids, attention_mask=mask).logits
+
+    torch.testing.assert_close(spliced[0], plain[0], atol=0, rtol=0)
+    assert (spliced[1] - plain[1]).abs().max() > 1e-3

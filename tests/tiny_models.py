@@ -1,0 +1,107 @@
+"""Tiny random decoder models with real tokenizers, saved to disk as llm-compressor wants them.
+
+Random weights are fine here: these models test mechanics (equality of tensors
+and logits), never quality. Sizes are multiples of 128 so W4A16's group size fits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+WORDS = [f"w{i}" for i in range(120)]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD, BOS, EOS = 0, 1, 2
+VOCAB_SIZE = 128
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def build_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
+    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>" if adds_bos else None,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_config(architecture: str):
+    common = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    if architecture == "llama":
+        return LlamaConfig(bos_token_id=BOS, **common)
+    if architecture == "qwen2":
+        return Qwen2Config(bos_token_id=None, **common)
+    if architecture == "qwen3":
+        return Qwen3Config(bos_token_id=BOS, **common)
+    raise ValueError(architecture)
+
+
+def save_tiny_model(architecture: str, directory: Path, seed: int = 0) -> Path:
+    """Random model and tokenizer in ``directory``; Llama and Qwen3 tokenizers add BOS, Qwen2's does not."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_config(architecture), attn_implementation="eager")
+    _give_first_token_a_sink(model)
+    model.save_pretrained(directory)
+    build_tokenizer(adds_bos=architecture != "qwen2").save_pretrained(directory)
+    return directory
+
+
+def _give_first_token_a_sink(model: PreTrainedModel) -> None:
+    """Scale the BOS embedding up so the first token behaves like a real pivot token."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[BOS] *= 20
+
+
+def load(directory: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    """Not AutoTokenizer: for Qwen2 it forces Qwen2's own BPE class, which ignores our vocabulary."""
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def text_samples(count: int, length: int, seed: int = 1) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(WORDS[i] for i in torch.randint(len(WORDS), (length,), generator=generator).tolist())
+        for _ in range(count)
+    ]
+
+
+def calibration_dataset(tokenizer: PreTrainedTokenizerFast, count: int = 4, length: int = 24) -> Dataset:
+    encoded = tokenizer(text_samples(count, length))
+    return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
