@@ -27,6 +27,13 @@ from pydantic import Field, PrivateAttr
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
+from intactkv_modifier.calibration import (
+    CalibrationSettings,
+    CalibrationTargets,
+    calibrate_prefix_kv,
+    prefix_mse,
+    record_targets,
+)
 from intactkv_modifier.capture import PrefixKV, capture_prefix_kv, model_kv_for_prefix
 from intactkv_modifier.prefix import resolve_prefix_token_ids
 from intactkv_modifier.runtime import intact_kv_disabled
@@ -49,14 +56,20 @@ class IntactKVModifier(Modifier):
         system prompt; tokenized with the model's tokenizer, special tokens included
     :param tokenizer: path or hub id of the tokenizer; defaults to the model's own
         folder. Needed unless ``prefix_token_ids`` is given.
+    :param calibration: when set, fit the stored K/V to the FP model's outputs on
+        oneshot's calibration samples after quantization (IntactKV+Cal); see
+        :class:`~intactkv_modifier.calibration.CalibrationSettings`
     """
 
     prefix_token_ids: list[int] | None = Field(default=None, min_length=1)
     prefix_text: str | None = Field(default=None, min_length=1)
     tokenizer: str | None = None
+    calibration: CalibrationSettings | None = None
 
     _prefix_ids: list[int] = PrivateAttr(default_factory=list)
     _captured: PrefixKV | None = PrivateAttr(default=None)
+    _calibration_data: Any = PrivateAttr(default=None)
+    _targets: CalibrationTargets | None = PrivateAttr(default=None)
 
     @property
     def resolved_prefix_token_ids(self) -> list[int]:
@@ -73,6 +86,10 @@ class IntactKVModifier(Modifier):
             max_positions=kv_geometry(model.config).max_position_embeddings,
         )
         self._captured = None
+        self._targets = None
+        self._calibration_data = state.data.calib if state.data is not None else None
+        if self.calibration is not None and self._calibration_data is None:
+            raise ValueError("IntactKV calibration needs calibration data: pass `dataset=` to oneshot.")
 
         def capture_when_quantizer_calibrates(module: torch.nn.Module, args: tuple) -> None:
             if self._captured is None and _quantizer_started(model):
@@ -93,6 +110,8 @@ class IntactKVModifier(Modifier):
             self._capture(model, "finalize (no quantizer calibrated with data)")
         self._log_replaced_error(model)
         attach_intact_kv(model, self._prefix_ids, self._captured)
+        if self._targets is not None:
+            self._calibrate(model)
         return True
 
     # internals -------------------------------------------------------------
@@ -100,6 +119,21 @@ class IntactKVModifier(Modifier):
     def _capture(self, model: PreTrainedModel, moment: str) -> None:
         self._captured = capture_prefix_kv(model, self._prefix_ids)
         logger.info(f"IntactKV: captured full-precision prefix KV at {moment}")
+        if self.calibration is not None:
+            self._targets = record_targets(
+                model, self._calibration_data, self._prefix_ids, self.calibration.num_samples
+            )
+
+    def _calibrate(self, model: PreTrainedModel) -> None:
+        assert self._targets is not None and self.calibration is not None
+        before = prefix_mse(model, self._targets)
+        calibrated = calibrate_prefix_kv(model, self._targets, self.calibration)
+        attach_intact_kv(model, self._prefix_ids, calibrated)
+        after = prefix_mse(model, self._targets)
+        logger.info(f"IntactKV calibration: MSE to the FP model {before:.6g} -> {after:.6g}")
+        record = {**self.calibration.model_dump(), "mse_before": before, "mse_after": after}
+        attach_intact_kv(model, self._prefix_ids, calibrated, calibration=record)
+        self._targets = None
 
     def _log_replaced_error(self, model: PreTrainedModel) -> None:
         """How far the quantized model's own prefix KV is from the stored one: what IntactKV fixes."""

@@ -59,16 +59,17 @@ def splice_prefix(states: torch.Tensor, prefix: torch.Tensor, plan: SplicePlan) 
 class _SplicingCache:
     """Stands in for ``past_key_values`` inside one attention call during a planned prefill."""
 
-    def __init__(self, inner: Any, attention: torch.nn.Module, plan: SplicePlan):
+    def __init__(self, inner: Any, prefix_key: torch.Tensor, prefix_value: torch.Tensor, plan: SplicePlan):
         self._inner = inner
-        self._attention = attention
+        self._prefix_key = prefix_key
+        self._prefix_value = prefix_value
         self._plan = plan
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key_states = splice_prefix(key_states, getattr(self._attention, KEY_BUFFER), self._plan)
-        value_states = splice_prefix(value_states, getattr(self._attention, VALUE_BUFFER), self._plan)
+        key_states = splice_prefix(key_states, self._prefix_key, self._plan)
+        value_states = splice_prefix(value_states, self._prefix_value, self._plan)
         if self._inner is None:
             return key_states, value_states
         return self._inner.update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -89,6 +90,7 @@ class IntactKVRuntime:
         self._plan: SplicePlan | None = None
         self._enabled = True
         self._kv_shape: tuple[int, int] | None = None
+        self._override: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._warned_unmatched = False
         self._checked_buffers = False
         self._attentions = attentions
@@ -126,6 +128,19 @@ class IntactKVRuntime:
         finally:
             self._enabled = enabled
 
+    @contextmanager
+    def overridden(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
+        """Splice these tensors instead of the buffers, e.g. trainable masters during calibration.
+
+        Buffers of an offloaded model are copied on every access, so gradients
+        could never reach them; these tensors are used as they are.
+        """
+        previous, self._override = self._override, (keys, values)
+        try:
+            yield
+        finally:
+            self._override = previous
+
     # hooks -----------------------------------------------------------------
 
     def _plan_prefill(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -156,7 +171,12 @@ class IntactKVRuntime:
     def _wrap_cache(self, attention: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._plan is None:
             return None
-        kwargs["past_key_values"] = _SplicingCache(kwargs.get("past_key_values"), attention, self._plan)
+        if self._override is not None:
+            keys, values = self._override
+            key, value = keys[attention.layer_idx], values[attention.layer_idx]
+        else:
+            key, value = getattr(attention, KEY_BUFFER), getattr(attention, VALUE_BUFFER)
+        kwargs["past_key_values"] = _SplicingCache(kwargs.get("past_key_values"), key, value, self._plan)
         return args, kwargs
 
     # helpers ---------------------------------------------------------------

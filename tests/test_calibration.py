@@ -1,0 +1,73 @@
+"""IntactKV+Cal: the stored K/V are fitted, and nothing else moves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_modifier import gptq, quantize
+from tiny_models import BOS, load, load_tokenizer, text_samples
+
+from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, prefix_kv_of
+from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_kv, prefix_mse, record_targets
+
+FAST = CalibrationSettings(num_samples=16, epochs=5, lr=1e-2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dirs):
+    return quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier()], samples=8)
+
+
+def _targets(model_dir, seed: int, count: int):
+    """FP final hidden states on ``count`` samples; seed 1 is the calibration set's, others are held out."""
+    encoded = load_tokenizer(model_dir)(text_samples(count, 24, seed=seed), return_tensors="pt")
+    rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(encoded["input_ids"], encoded["attention_mask"])]
+    return record_targets(load(model_dir), rows, [BOS], num_samples=count)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in model.state_dict().items() if "intact_" not in n}
+
+
+def test_calibration_lowers_heldout_loss_and_changes_no_weight(tiny_model_dirs, quantized):
+    model_dir = tiny_model_dirs["llama"]
+    heldout = _targets(model_dir, seed=99, count=6)
+    weights_before = _weights(quantized)
+    before = prefix_mse(quantized, heldout)
+    stored_keys = [k.clone() for k in prefix_kv_of(quantized).keys]  # buffers of an offloaded model are updated in place
+
+    calibrated = calibrate_prefix_kv(quantized, _targets(model_dir, seed=1, count=16), FAST)
+    attach_intact_kv(quantized, [BOS], calibrated)
+
+    assert prefix_mse(quantized, heldout) < before
+    assert any(not torch.equal(a, b) for a, b in zip(stored_keys, calibrated.keys))
+    weights_after = _weights(quantized)
+    assert weights_after.keys() == weights_before.keys()
+    for name, tensor in weights_before.items():
+        assert torch.equal(tensor, weights_after[name]), name
+
+
+def test_calibration_is_deterministic(tiny_model_dirs, quantized):
+    targets = _targets(tiny_model_dirs["llama"], seed=1, count=16)
+    first = calibrate_prefix_kv(quantized, targets, FAST)
+    second = calibrate_prefix_kv(quantized, targets, FAST)
+    for a, b in zip(first.keys + first.values, second.keys + second.values):
+        assert torch.equal(a, b)
+
+
+def test_modifier_calibrates_and_the_checkpoint_round_trips(tiny_model_dirs, tmp_path):
+    model = quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(calibration=FAST)], samples=16)
+    model.save_pretrained(tmp_path, save_compressed=True)
+    record = json.loads((tmp_path / "config.json").read_text())[CONFIG_KEY]["calibration"]
+    assert record["epochs"] == FAST.epochs and record["mse_after"] < record["mse_before"]
+    reloaded = load(tmp_path)
+    for a, b in zip(prefix_kv_of(model).keys, prefix_kv_of(reloaded).keys):
+        assert torch.equal(a, b)
+
+
+def test_asking_for_more_samples_than_the_data_holds_fails_clearly(tiny_model_dirs):
+    too_many = CalibrationSettings(num_samples=50, epochs=1)
+    with pytest.raises(ValueError, match="asked for 50 samples but the calibration data holds only 4"):
+        quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(calibration=too_many)], samples=4)
