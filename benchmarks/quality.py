@@ -1,0 +1,174 @@
+"""Quality benchmark: perplexity of FP and quantized models, without and with IntactKV (+Cal).
+
+Every row uses the same calibration windows, the same held-out evaluation
+windows and the same seed. For each recipe the model is quantized once, with
+IntactKVModifier in the recipe; "quantized" is that same model with the intact
+prefix switched off (``intact_kv_disabled``), so each pair differs only in the
+prefix KV. "+Cal" fits the prefix K/V on the calibration windows against the FP
+model's final hidden states, recorded before quantization.
+
+    python benchmarks/quality.py --model models/pivot-llama --out benchmarks/results
+
+Writes ``quality.json`` and ``quality.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+from llmcompressor.modifiers.transform import AWQModifier, SpinQuantModifier
+from loguru import logger
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from intactkv_modifier import IntactKVModifier, attach_intact_kv, intact_kv_disabled
+from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_kv, record_targets
+from intactkv_modifier.eval.corpus import load_corpus_text
+from intactkv_modifier.eval.perplexity import perplexity, token_windows
+
+
+def weight_only(bits: int, group_size: int = 128) -> dict[str, QuantizationScheme]:
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def gptq(bits: int) -> GPTQModifier:
+    return GPTQModifier(config_groups=weight_only(bits), ignore=["lm_head"])
+
+
+RECIPES: dict[str, Callable[[], list[Modifier]]] = {
+    "GPTQ W4 g128": lambda: [gptq(4)],
+    "GPTQ W3 g128": lambda: [gptq(3)],
+    "AWQ W3 g128": lambda: [
+        AWQModifier(offload_device=None),
+        QuantizationModifier(config_groups=weight_only(3), ignore=["lm_head"]),
+    ],
+    "SpinQuant R1R2 + GPTQ W3 g128": lambda: [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"), gptq(3)],
+}
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()
+
+
+def run_recipe(args: argparse.Namespace, name: str, calib: torch.Tensor, evaluation: torch.Tensor, prefix: list[int]) -> dict:
+    model = load_model(args.model, args.dtype, args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    settings = CalibrationSettings(num_samples=calib.shape[0], epochs=args.cal_epochs, lr=args.cal_lr, seed=args.seed)
+    rows = [{"input_ids": ids} for ids in calib]
+    targets = record_targets(model, rows, prefix, settings.num_samples) if args.cal_epochs else None
+
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    started = time.perf_counter()
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=[*RECIPES[name](), IntactKVModifier(prefix_token_ids=prefix)],
+        num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1],
+    )
+    row: dict = {"recipe": name, "quantize_seconds": round(time.perf_counter() - started, 1)}
+    with intact_kv_disabled(model):
+        row["ppl_quantized"] = perplexity(model, evaluation, args.batch_size, f"{name}: quantized")
+    row["ppl_intactkv"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV")
+
+    if targets is not None:
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        attach_intact_kv(model, prefix, calibrate_prefix_kv(model, targets, settings))
+        row["calibration_seconds"] = round(time.perf_counter() - started, 1)
+        if args.device.startswith("cuda"):
+            row["calibration_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["ppl_intactkv_cal"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV+Cal")
+    return row
+
+
+def gap_closed(fp: float, quantized: float, improved: float) -> float | None:
+    return None if quantized <= fp else (quantized - improved) / (quantized - fp)
+
+
+def markdown(result: dict) -> str:
+    fp = result["ppl_fp"]
+    lines = [
+        f"Model `{result['model']}`, {result['eval_windows']} held-out windows of {result['window_length']} tokens, "
+        f"{result['calibration_windows']} calibration windows, seed {result['seed']}, {result['device_name']}.",
+        "",
+        "| recipe | quantized | +IntactKV | +IntactKV+Cal | FP→quantized gap closed (IntactKV / +Cal) |",
+        "|---|---|---|---|---|",
+        f"| FP ({result['dtype']}) | {fp:.3f} | | | |",
+    ]
+    for row in result["rows"]:
+        cal = row.get("ppl_intactkv_cal")
+        closed = gap_closed(fp, row["ppl_quantized"], row["ppl_intactkv"])
+        closed_cal = gap_closed(fp, row["ppl_quantized"], cal) if cal is not None else None
+        fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+        lines.append(
+            f"| {row['recipe']} | {row['ppl_quantized']:.3f} | {row['ppl_intactkv']:.3f} | "
+            f"{'' if cal is None else f'{cal:.3f}'} | {fmt(closed)} / {fmt(closed_cal)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/pivot-llama")
+    parser.add_argument("--recipes", nargs="+", default=None, help=f"subset of {list(RECIPES)}")
+    parser.add_argument("--calibration-windows", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cal-epochs", type=int, default=20, help="0 skips the +Cal rows")
+    parser.add_argument("--cal-lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
+    names = args.recipes or [n for n in RECIPES if args.device.startswith("cuda") or not n.startswith("AWQ")]
+    torch.manual_seed(args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prefix = [tokenizer.bos_token_id]
+    calib = token_windows(tokenizer, load_corpus_text("calibration"), prefix, args.length, args.calibration_windows)
+    evaluation = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.eval_windows)
+
+    fp = perplexity(load_model(args.model, args.dtype, args.device), evaluation, args.batch_size, "FP")
+    result = {
+        "model": args.model,
+        "dtype": str(args.dtype).removeprefix("torch."),
+        "calibration_windows": args.calibration_windows,
+        "eval_windows": args.eval_windows,
+        "window_length": args.length,
+        "seed": args.seed,
+        "calibration": {"epochs": args.cal_epochs, "lr": args.cal_lr},
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU",
+        "machine": platform.platform(),
+        "ppl_fp": fp,
+        "rows": [],
+    }
+    for name in names:
+        logger.info(f"quality benchmark: {name}")
+        result["rows"].append(run_recipe(args, name, calib, evaluation, prefix))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / "quality.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
