@@ -1,0 +1,1 @@
+"""Evaluation helpers shared by the examples and benchmarks: real text and perplexity."""
