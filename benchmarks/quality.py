@@ -53,7 +53,11 @@ RECIPES: dict[str, Callable[[], list[Modifier]]] = {
         AWQModifier(offload_device=None),
         QuantizationModifier(config_groups=weight_only(3), ignore=["lm_head"]),
     ],
-    "SpinQuant R1R2 + GPTQ W3 g128": lambda: [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"), gptq(3)],
+    # random-hadamard: a deterministic Hadamard needs a power-of-two hidden size (pivot-llama has 384)
+    "SpinQuant R1R2 + GPTQ W3 g128": lambda: [
+        SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"),
+        gptq(3),
+    ],
 }
 
 

@@ -1,0 +1,96 @@
+"""How much a quantized cache changes one attention layer's output, measured on the model's own activations.
+
+The layer is run twice on the same inputs (captured from a full-precision
+forward): once reading its past K/V from a ``DynamicCache``, once from a
+:class:`~intactkv_modifier.kv_quant.cache.KeyFavoredQuantizedCache`. Only the
+cache differs, so the error isolates what quantizing that layer's keys and
+values costs, with no drift from the layers before it. This is the measurement
+behind "more bits for keys" (arXiv 2502.15075) on a given model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from intactkv_modifier.architecture import attention_modules
+from intactkv_modifier.kv_quant.cache import KeyFavoredQuantizedCache
+from intactkv_modifier.kv_quant.settings import KVQuantSettings
+
+__all__ = ["AttentionInputs", "attention_inputs", "attention_output_error"]
+
+#: What one attention layer receives: hidden states and the (cos, sin) position embeddings
+AttentionInputs = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+@torch.no_grad()
+def attention_inputs(model: PreTrainedModel, windows: torch.Tensor) -> list[AttentionInputs]:
+    """Per layer: the hidden states and position embeddings its attention receives in a full-precision forward."""
+    captured: dict[int, AttentionInputs] = {}
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured[module.layer_idx] = (hidden, tuple(kwargs["position_embeddings"]))
+
+    attentions = attention_modules(model)
+    handles = [attention.register_forward_pre_hook(grab, with_kwargs=True) for attention in attentions]
+    try:
+        model(input_ids=windows, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[attention.layer_idx] for attention in attentions]
+
+
+@torch.no_grad()
+def attention_output_error(
+    model: PreTrainedModel,
+    inputs: list[AttentionInputs],
+    layer_idx: int,
+    settings: KVQuantSettings,
+    context: int,
+    full_precision_prefix: int = 0,
+) -> float:
+    """Relative error ``||out_q - out|| / ||out||`` of layer ``layer_idx``'s attention output.
+
+    The first ``context`` tokens are written to the cache; the queries of the
+    remaining tokens then attend to them (read back from the cache) and to
+    themselves (exact), as decoding after a prompt of ``context`` tokens would.
+    ``inputs`` comes from :func:`attention_inputs`.
+    """
+    attention = attention_modules(model)[layer_idx]
+    hidden, position_embeddings = inputs[layer_idx]
+    exact = _attend(attention, hidden, position_embeddings, context, DynamicCache(config=model.config))
+    quantized_cache = KeyFavoredQuantizedCache(model.config, settings, full_precision_prefix=full_precision_prefix)
+    approx = _attend(attention, hidden, position_embeddings, context, quantized_cache)
+    return float((approx.float() - exact.float()).norm() / exact.float().norm())
+
+
+def _attend(
+    attention: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, ...],
+    context: int,
+    cache: Cache,
+) -> torch.Tensor:
+    """Run the layer on the context (filling the cache), then on the rest; the rest's output."""
+    length = hidden.shape[1]
+    for start, stop in ((0, context), (context, length)):
+        output, _ = attention(
+            hidden_states=hidden[:, start:stop],
+            position_embeddings=tuple(t[:, start:stop] for t in position_embeddings),
+            attention_mask=_causal_mask(stop - start, stop, hidden.dtype, hidden.device),
+            past_key_values=cache,
+        )
+    return output
+
+
+def _causal_mask(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``[1, 1, queries, keys]`` mask for the last ``queries`` of ``keys`` positions."""
+    offset = keys - queries
+    allowed = torch.arange(keys, device=device)[None, :] <= torch.arange(queries, device=device)[:, None] + offset
+    mask = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
