@@ -4,8 +4,10 @@ Every row uses the same calibration windows, the same held-out evaluation
 windows and the same seed. For each recipe the model is quantized once, with
 IntactKVModifier in the recipe; "quantized" is that same model with the intact
 prefix switched off (``intact_kv_disabled``), so each pair differs only in the
-prefix KV. "+Cal" fits the prefix K/V on the calibration windows against the FP
-model's final hidden states, recorded before quantization.
+prefix KV. "+Cal" is the modifier's own calibration option: it fits the prefix
+K/V on the calibration windows against the FP model's final hidden states,
+recorded when the prefix is captured (after rotations, before quantization);
+the "+IntactKV" row puts back the uncalibrated capture.
 
     python benchmarks/quality.py --model models/pivot-llama --out benchmarks/results
 
@@ -32,7 +34,7 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from intactkv_modifier import IntactKVModifier, attach_intact_kv, intact_kv_disabled
-from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_kv, record_targets
+from intactkv_modifier.calibration import CalibrationSettings
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, token_windows
 
@@ -69,34 +71,35 @@ def load_model(model_dir: str, dtype: torch.dtype, device: str) -> torch.nn.Modu
 def run_recipe(args: argparse.Namespace, name: str, calib: torch.Tensor, evaluation: torch.Tensor, prefix: list[int]) -> dict:
     model = load_model(args.model, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    settings = CalibrationSettings(num_samples=calib.shape[0], epochs=args.cal_epochs, lr=args.cal_lr, seed=args.seed)
-    rows = [{"input_ids": ids} for ids in calib]
-    targets = record_targets(model, rows, prefix, settings.num_samples) if args.cal_epochs else None
-
+    calibration = (
+        CalibrationSettings(num_samples=calib.shape[0], epochs=args.cal_epochs, lr=args.cal_lr, seed=args.seed)
+        if args.cal_epochs
+        else None
+    )
+    intactkv = IntactKVModifier(prefix_token_ids=prefix, calibration=calibration)
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     oneshot(
         model=model,
         processor=tokenizer,
         dataset=dataset,
-        recipe=[*RECIPES[name](), IntactKVModifier(prefix_token_ids=prefix)],
+        recipe=[*RECIPES[name](), intactkv],
         num_calibration_samples=calib.shape[0],
         max_seq_length=calib.shape[1],
     )
-    row: dict = {"recipe": name, "quantize_seconds": round(time.perf_counter() - started, 1)}
+    seconds = time.perf_counter() - started
+    row: dict = {"recipe": name, "quantize_seconds": round(seconds - (intactkv.calibration_seconds or 0.0), 1)}
+    if calibration is not None:
+        row["calibration_seconds"] = round(intactkv.calibration_seconds, 1)
+        if args.device.startswith("cuda"):
+            row["oneshot_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["ppl_intactkv_cal"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV+Cal")
+        attach_intact_kv(model, prefix, intactkv.captured_prefix_kv)  # back to the uncalibrated capture
     with intact_kv_disabled(model):
         row["ppl_quantized"] = perplexity(model, evaluation, args.batch_size, f"{name}: quantized")
     row["ppl_intactkv"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV")
-
-    if targets is not None:
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        attach_intact_kv(model, prefix, calibrate_prefix_kv(model, targets, settings))
-        row["calibration_seconds"] = round(time.perf_counter() - started, 1)
-        if args.device.startswith("cuda"):
-            row["calibration_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        row["ppl_intactkv_cal"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV+Cal")
     return row
 
 
@@ -126,6 +129,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous_rows(path: Path, exclude: list[str]) -> list[dict]:
+    """Rows of an earlier run of the same benchmark, minus the recipes about to be measured again."""
+    if not path.exists():
+        return []
+    return [row for row in json.loads(path.read_text())["rows"] if row["recipe"] not in exclude]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/pivot-llama")
@@ -140,6 +150,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--append", action="store_true",
+        help="keep the rows of other recipes already in --out/quality.json (split a long run over several calls)",
+    )
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
     names = args.recipes or [n for n in RECIPES if args.device.startswith("cuda") or not n.startswith("AWQ")]
@@ -162,7 +176,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU",
         "machine": platform.platform(),
         "ppl_fp": fp,
-        "rows": [],
+        "rows": previous_rows(args.out / "quality.json", exclude=names) if args.append else [],
     }
     for name in names:
         logger.info(f"quality benchmark: {name}")

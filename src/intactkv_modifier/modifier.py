@@ -16,6 +16,7 @@ matter.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -70,10 +71,21 @@ class IntactKVModifier(Modifier):
     _captured: PrefixKV | None = PrivateAttr(default=None)
     _calibration_data: Any = PrivateAttr(default=None)
     _targets: CalibrationTargets | None = PrivateAttr(default=None)
+    _calibration_seconds: float | None = PrivateAttr(default=None)
 
     @property
     def resolved_prefix_token_ids(self) -> list[int]:
         return list(self._prefix_ids)
+
+    @property
+    def captured_prefix_kv(self) -> PrefixKV | None:
+        """The full-precision prefix KV as captured, before any calibration: for A/B comparisons."""
+        return self._captured
+
+    @property
+    def calibration_seconds(self) -> float | None:
+        """Wall time of the last IntactKV+Cal fit (``None`` without calibration)."""
+        return self._calibration_seconds
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         model = state.model
@@ -127,7 +139,9 @@ class IntactKVModifier(Modifier):
     def _calibrate(self, model: PreTrainedModel) -> None:
         assert self._targets is not None and self.calibration is not None
         before = prefix_mse(model, self._targets)
+        started = time.perf_counter()
         calibrated = calibrate_prefix_kv(model, self._targets, self.calibration)
+        self._calibration_seconds = time.perf_counter() - started
         attach_intact_kv(model, self._prefix_ids, calibrated)
         after = prefix_mse(model, self._targets)
         logger.info(f"IntactKV calibration: MSE to the FP model {before:.6g} -> {after:.6g}")
