@@ -1,29 +1,55 @@
-"""The compressed-tensors checkpoint carries the prefix KV and applies it on load."""
+"""The checkpoint keeps the prefix K/V in a side file, out of every weight file, and applies it on load."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from loguru import logger
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_modifier import gptq, quantize
 from tiny_models import BOS, load, load_tokenizer, text_samples
+from transformers import AutoModelForCausalLM
 
-from intactkv_modifier import CONFIG_KEY, IntactKVModifier, config_of, intact_kv_disabled, prefix_kv_of
+import intactkv_modifier.sidecar
+from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, capture_prefix_kv, config_of
+from intactkv_modifier import intact_kv_disabled, prefix_kv_of
+from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
+from intactkv_modifier.serving import prefix_tensors_in_weight_files
+from intactkv_modifier.sidecar import SIDECAR_PATH, tensor_name
+
+LAYERS, BUFFER_SHAPE = 2, (2, 1, 32)  # the tiny Llama's layers and [kv heads, prefix length, head dim] for [BOS]
 
 
 @pytest.fixture(scope="module")
 def saved_checkpoint(tiny_model_dirs, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """Quantized by llm-compressor and saved compressed."""
     model = quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier()])
     out = tmp_path_factory.mktemp("ckpt") / "llama-w4a16-intactkv"
     model.save_pretrained(out, save_compressed=True)
     load_tokenizer(tiny_model_dirs["llama"]).save_pretrained(out)
     return model, out
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tiny_model_dirs, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """Transformers' own save, sharded so that the weight files come with an index."""
+    model = load(tiny_model_dirs["llama"])
+    attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+    out = tmp_path_factory.mktemp("ckpt") / "llama-fp-intactkv"
+    model.save_pretrained(out, max_shard_size="100KB")
+    return model, out
+
+
+@pytest.fixture(params=["saved_checkpoint", "plain_checkpoint"], ids=["compressed", "plain"])
+def checkpoint(request) -> tuple[torch.nn.Module, Path]:
+    return request.getfixturevalue(request.param)
 
 
 def _load_warnings(directory: Path, caplog: pytest.LogCaptureFixture) -> tuple[torch.nn.Module, list[str]]:
@@ -36,28 +62,88 @@ def _load_warnings(directory: Path, caplog: pytest.LogCaptureFixture) -> tuple[t
     return model, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_checkpoint_holds_tensors_and_a_versioned_config_block(saved_checkpoint):
-    model, out = saved_checkpoint
-    block = json.loads((out / "config.json").read_text())[CONFIG_KEY]
+def _weight_tensor_names(directory: Path) -> set[str]:
+    """Every tensor name a weight loader sees: the top-level safetensors files and the index."""
+    names: set[str] = set()
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            names.update(handle.keys())
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names.update(json.loads(index.read_text())["weight_map"])
+    return names
+
+
+def _assert_same_prefix(actual: torch.nn.Module, expected: torch.nn.Module) -> None:
+    """Same dtype and bits; compared on the CPU, since llm-compressor may leave ``expected`` on a GPU."""
+    a, b = prefix_kv_of(actual), prefix_kv_of(expected)
+    assert len(a.keys) == len(b.keys) == LAYERS
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        assert x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu())
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def test_checkpoint_holds_a_versioned_config_block(saved_checkpoint):
+    _, out = saved_checkpoint
+    config = json.loads((out / "config.json").read_text())
+    block = config[CONFIG_KEY]
     assert block["format_version"] == 1
     assert block["prefix_token_ids"] == [BOS]
-    assert (block["num_layers"], block["num_key_value_heads"], block["head_dim"]) == (2, 2, 32)
+    assert (block["num_layers"], block["num_key_value_heads"], block["head_dim"]) == (LAYERS, 2, 32)
     assert block["dtype"] == "float32"
-    assert "quantization_config" in json.loads((out / "config.json").read_text())
-    with safe_open(str(out / "model.safetensors"), "pt") as handle:
-        names = {n for n in handle.keys() if "intact" in n}
-    assert names == {f"model.layers.{i}.self_attn.intact_{kind}" for i in range(2) for kind in ("key", "value")}
+    assert "quantization_config" in config
 
 
-def test_round_trip_is_bit_exact_and_silent(saved_checkpoint, caplog):
-    model, out = saved_checkpoint
+def test_weight_files_hold_no_prefix_tensor(checkpoint):
+    _, out = checkpoint
+    names = _weight_tensor_names(out)
+    assert any(name.endswith("self_attn.q_proj.weight_packed") or name.endswith("q_proj.weight") for name in names)
+    assert not [name for name in names if "intact" in name]
+    assert prefix_tensors_in_weight_files(out) == []
+
+
+def test_plain_save_is_sharded_with_an_index(plain_checkpoint):
+    """Guards the test above: the plain checkpoint does exercise several shards and an index."""
+    _, out = plain_checkpoint
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+
+
+def test_side_file_matches_the_block_and_the_model(checkpoint):
+    model, out = checkpoint
+    block = json.loads((out / "config.json").read_text())[CONFIG_KEY]
+    assert sorted(p.name for p in (out / SIDECAR_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]  # no temp file
+    stored = load_file(out / SIDECAR_PATH)
+    expected_names = {tensor_name(layer, kind) for layer in range(LAYERS) for kind in (KEY_BUFFER, VALUE_BUFFER)}
+    assert set(stored) == expected_names
+    assert tensor_name(1, VALUE_BUFFER) == "layers.1.self_attn.intact_value"
+    kv = prefix_kv_of(model)
+    for layer in range(LAYERS):
+        for kind, held in ((KEY_BUFFER, kv.keys[layer]), (VALUE_BUFFER, kv.values[layer])):
+            tensor = stored[tensor_name(layer, kind)]
+            assert tuple(tensor.shape) == BUFFER_SHAPE == (block["num_key_value_heads"], 1, block["head_dim"])
+            assert tensor.dtype == torch.float32 and block["dtype"] == "float32"
+            assert torch.equal(tensor, held.cpu())
+
+
+def test_buffers_are_not_persistent(plain_checkpoint):
+    model, _ = plain_checkpoint
+    assert not [name for name in model.state_dict() if "intact" in name]
+    assert len([name for name, _ in model.named_buffers() if "intact" in name]) == 2 * LAYERS
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_round_trip_is_bit_exact_and_silent(checkpoint, caplog):
+    model, out = checkpoint
     loaded, warnings = _load_warnings(out, caplog)
 
     assert not [w for w in warnings if "unexpected" in w.lower() or "missing" in w.lower()], warnings
     assert config_of(loaded) == config_of(model)
-    stored, reloaded = prefix_kv_of(model), prefix_kv_of(loaded)
-    for a, b in zip(stored.keys + stored.values, reloaded.keys + reloaded.values):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    _assert_same_prefix(loaded, model)
 
 
 def test_loaded_checkpoint_applies_the_prefix_automatically(saved_checkpoint):
@@ -70,20 +156,120 @@ def test_loaded_checkpoint_applies_the_prefix_automatically(saved_checkpoint):
         baseline = loaded(**batch).logits
     applied = loaded(**batch).logits
 
-    torch.testing.assert_close(applied, model(**batch).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(applied, model(**batch).logits.cpu(), atol=1e-5, rtol=1e-5)
     assert (applied - baseline).abs().max() > 1e-4
 
 
-def test_resaving_a_loaded_checkpoint_keeps_the_block(saved_checkpoint, tmp_path):
+def test_loading_info_is_passed_through(plain_checkpoint):
+    model, out = plain_checkpoint
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _assert_same_prefix(loaded, model)
+
+
+def test_buffers_follow_the_model_dtype_and_save_in_the_stored_dtype(plain_checkpoint, tmp_path):
+    model, out = plain_checkpoint
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    stored = prefix_kv_of(model)
+    for attention, key, value in zip(loaded.model.layers, stored.keys, stored.values):
+        attention = attention.self_attn
+        assert attention.intact_key.dtype == torch.bfloat16 == attention.q_proj.weight.dtype
+        assert attention.intact_key.device == attention.q_proj.weight.device
+        assert torch.equal(attention.intact_key, key.to(torch.bfloat16))
+        assert torch.equal(attention.intact_value, value.to(torch.bfloat16))
+
+    loaded.save_pretrained(tmp_path / "again")
+    resaved = load_file(tmp_path / "again" / SIDECAR_PATH)[tensor_name(0, KEY_BUFFER)]
+    assert resaved.dtype == torch.float32  # the block's dtype, which did not change
+    assert torch.equal(resaved, stored.keys[0].to(torch.bfloat16).float())
+
+    loaded.to(torch.float64)  # buffers move and cast with the module
+    assert prefix_kv_of(loaded).keys[0].dtype == torch.float64
+
+
+@pytest.mark.gpu
+def test_buffers_sit_on_the_device_of_their_attention(plain_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model, out = plain_checkpoint
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cuda")
+    assert {t.device.type for t in prefix_kv_of(loaded).keys + prefix_kv_of(loaded).values} == {"cuda"}
+    _assert_same_prefix(loaded.to("cpu"), model)
+
+
+def test_resaving_a_loaded_checkpoint_keeps_the_block_and_the_side_file(saved_checkpoint, tmp_path):
     _, out = saved_checkpoint
     load(out).save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())[CONFIG_KEY]["prefix_token_ids"] == [BOS]
+    original, resaved = load_file(out / SIDECAR_PATH), load_file(tmp_path / "again" / SIDECAR_PATH)
+    assert original.keys() == resaved.keys()
+    assert all(torch.equal(original[name], resaved[name]) for name in original)
+
+
+def test_checkpoint_from_the_hub_cache_loads_its_side_file(plain_checkpoint, tmp_path):
+    """A hub id resolves to a snapshot folder; the side file comes from there, like the weights."""
+    model, out = plain_checkpoint
+    repo = tmp_path / "hub" / "models--intactkv-tests--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(out, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        "intactkv-tests/tiny", cache_dir=tmp_path / "hub", local_files_only=True, dtype=torch.float32
+    )
+    _assert_same_prefix(loaded, model)
+
+
+def test_checkpoint_of_the_older_layout_still_loads_and_resaves_into_the_side_file(plain_checkpoint, tmp_path):
+    """Before the side file, the tensors sat in the weight files under the model's module path."""
+    model, out = plain_checkpoint
+    old = tmp_path / "old"
+    (old).mkdir()
+    (old / "config.json").write_bytes((out / "config.json").read_bytes())
+    weights = {}
+    for shard in out.glob("model-*.safetensors"):
+        weights.update(load_file(shard))
+    weights.update({f"model.{name}": tensor for name, tensor in load_file(out / SIDECAR_PATH).items()})
+    save_file(weights, old / "model.safetensors", {"format": "pt"})
+    assert prefix_tensors_in_weight_files(old) == ["model.safetensors"]
+
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        loaded = load(old)
+    finally:
+        logger.remove(sink)
+    _assert_same_prefix(loaded, model)
+    assert len([m for m in messages if "keeps its prefix K/V in its weight files" in m]) == 1
+
+    loaded.save_pretrained(tmp_path / "new")
+    assert prefix_tensors_in_weight_files(tmp_path / "new") == []
+    _assert_same_prefix(load(tmp_path / "new"), model)
+
+
+def test_a_failed_save_leaves_the_previous_side_file(plain_checkpoint, tmp_path, monkeypatch):
+    model, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    before = (target / SIDECAR_PATH).read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(intactkv_modifier.sidecar, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(target)
+    assert (target / SIDECAR_PATH).read_bytes() == before
+    assert sorted(p.name for p in (target / SIDECAR_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------- rejections
 
 
 def _copy_with_config(out: Path, target: Path, edit) -> Path:
-    target.mkdir()
-    for item in out.iterdir():
-        (target / item.name).write_bytes(item.read_bytes())
+    shutil.copytree(out, target)
     config = json.loads((target / "config.json").read_text())
     edit(config)
     (target / "config.json").write_text(json.dumps(config))
@@ -100,7 +286,7 @@ def test_checkpoint_for_another_geometry_is_rejected(saved_checkpoint, tmp_path)
 def test_tensors_that_do_not_match_the_block_are_rejected(saved_checkpoint, tmp_path):
     _, out = saved_checkpoint
     broken = _copy_with_config(out, tmp_path / "broken", lambda c: c[CONFIG_KEY].update(prefix_token_ids=[BOS, 5]))
-    with pytest.raises(ValueError, match="does not match its config"):
+    with pytest.raises(ValueError, match=r"is \(2, 1, 32\) torch.float32, but the config block declares \(2, 2, 32\)"):
         load(broken)
 
 
@@ -111,12 +297,24 @@ def test_unknown_format_version_is_rejected(saved_checkpoint, tmp_path):
         load(broken)
 
 
-def test_checkpoint_without_the_tensors_is_rejected(saved_checkpoint, tmp_path):
+def test_checkpoint_without_its_side_file_is_rejected(saved_checkpoint, tmp_path):
     _, out = saved_checkpoint
     stripped = _copy_with_config(out, tmp_path / "stripped", lambda c: None)
-    with safe_open(str(out / "model.safetensors"), "pt") as handle:
-        kept = {n: handle.get_tensor(n) for n in handle.keys() if "intact" not in n}
-        metadata = handle.metadata()
-    save_file(kept, str(stripped / "model.safetensors"), metadata=metadata)
-    with pytest.raises(ValueError, match="4 prefix tensors are missing"):
+    shutil.rmtree(stripped / "intactkv")
+    with pytest.raises(ValueError, match=r"neither intactkv/prefix_kv.safetensors nor the weight files(.|\n)*Re-export"):
         load(stripped)
+
+
+def test_side_file_with_a_misshapen_or_missing_tensor_is_rejected(saved_checkpoint, tmp_path):
+    _, out = saved_checkpoint
+    broken = _copy_with_config(out, tmp_path / "broken", lambda c: None)
+    tensors = load_file(out / SIDECAR_PATH)
+
+    misshapen = {**tensors, tensor_name(1, KEY_BUFFER): torch.zeros(2, 3, 32)}
+    save_file(misshapen, broken / SIDECAR_PATH)
+    with pytest.raises(ValueError, match=r"`intact_key` of layer 1 .* is \(2, 3, 32\)(.|\n)*Re-export"):
+        load(broken)
+
+    save_file({n: t for n, t in tensors.items() if n != tensor_name(0, VALUE_BUFFER)}, broken / SIDECAR_PATH)
+    with pytest.raises(ValueError, match=r"lacks the IntactKV tensor `intact_value` of layer 0(.|\n)*Re-export"):
+        load(broken)

@@ -23,6 +23,7 @@ from tiny_models import BOS, load
 
 from intactkv_modifier import IntactKVConfig, attach_intact_kv, capture_prefix_kv, config_of, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
+from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import (
     SIDECAR_PATH,
     PrefixLoad,
@@ -38,6 +39,7 @@ from intactkv_modifier.serving import (
     write_prefix,
 )
 from intactkv_modifier.serving.vllm_plugin import CONNECTOR_CLASS, decide_connector
+from intactkv_modifier.sidecar import tensor_name
 
 # ---------------------------------------------------------------------------------------------- matching
 
@@ -186,29 +188,28 @@ def test_layer_index_of_vllm_layer_names():
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def prefix_tensors(kv: PrefixKV) -> dict[str, torch.Tensor]:
-    """The prefix K/V under the names this package gives them in a checkpoint."""
+def prefix_tensors(kv: PrefixKV, module_path: str = "") -> dict[str, torch.Tensor]:
+    """The prefix K/V as the side file names them, or with ``module_path="model."`` as older weight files did."""
     names = {}
     for layer, (key, value) in enumerate(zip(kv.keys, kv.values)):
-        names[f"model.layers.{layer}.self_attn.intact_key"] = key.contiguous()
-        names[f"model.layers.{layer}.self_attn.intact_value"] = value.contiguous()
+        names[module_path + tensor_name(layer, KEY_BUFFER)] = key.contiguous()
+        names[module_path + tensor_name(layer, VALUE_BUFFER)] = value.contiguous()
     return names
 
 
 def lay_out(saved_dir: Path, kv: PrefixKV, directory: Path, *, sidecar: bool) -> Path:
     """A copy of a saved checkpoint with the prefix K/V either in SIDECAR_PATH or in model.safetensors.
 
-    Built from the saved weights without their prefix tensors, so it does not depend on
-    where this package's storage puts them.
+    Built from the saved weights and ``kv``, so each layout is exactly what the test says.
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_bytes((saved_dir / "config.json").read_bytes())
-    weights = {n: t for n, t in load_file(saved_dir / "model.safetensors").items() if ".intact_" not in n}
+    weights = load_file(saved_dir / "model.safetensors")
     if sidecar:
         (directory / SIDECAR_PATH).parent.mkdir(exist_ok=True)
         save_file(prefix_tensors(kv), directory / SIDECAR_PATH, {"format": "pt"})
     else:
-        weights.update(prefix_tensors(kv))
+        weights.update(prefix_tensors(kv, module_path="model."))
     save_file(weights, directory / "model.safetensors", {"format": "pt"})
     return directory
 
@@ -226,10 +227,12 @@ def saved(request, tiny_model_dirs, tmp_path_factory) -> tuple[IntactKVConfig, P
 
 
 def test_config_block_and_tensors_of_a_saved_checkpoint(saved):
+    """What this package saves is what vLLM can load: the prefix only in the side file."""
     config, kv, out = saved
     assert read_config_block(out) == config
+    assert prefix_tensors_in_weight_files(out) == []
     stored = read_prefix(out)
-    assert stored.config == config and stored.source in (out, out / SIDECAR_PATH)
+    assert stored.config == config and stored.source == out / SIDECAR_PATH
     for a, b in zip(kv.keys + kv.values, stored.keys + stored.values):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
@@ -259,9 +262,9 @@ def test_weight_files_outside_the_index_are_not_vllms(saved, tmp_path):
     copy = tmp_path / "sharded"
     copy.mkdir()
     (copy / "config.json").write_bytes((out / "config.json").read_bytes())
-    weights = {n: t for n, t in load_file(out / "model.safetensors").items() if ".intact_" not in n}
+    weights = load_file(out / "model.safetensors")
     save_file(weights, copy / "model-00001-of-00001.safetensors")
-    save_file(prefix_tensors(kv), copy / "stray.safetensors")
+    save_file(prefix_tensors(kv, module_path="model."), copy / "stray.safetensors")
     index = {"weight_map": {n: "model-00001-of-00001.safetensors" for n in weights}}
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     assert prefix_tensors_in_weight_files(copy) == []
@@ -289,7 +292,7 @@ def test_bad_checkpoints_fail_with_the_reason(saved, tmp_path):
         read_prefix(copy)
 
     (copy / "config.json").write_text(json.dumps({"intactkv_config": block}))
-    save_file({n: t for n, t in tensors.items() if not n.startswith("model.layers.1.")}, copy / SIDECAR_PATH)
+    save_file({n: t for n, t in tensors.items() if not n.startswith("layers.1.")}, copy / SIDECAR_PATH)
     with pytest.raises(ValueError, match="lacks the IntactKV tensor `intact_key` of layer 1"):
         read_prefix(copy)
 
@@ -375,8 +378,8 @@ def test_vllm_uses_the_stored_prefix_exactly_where_transformers_does(tiny_model_
     # (on the CPU: ~0.9 against 0.005 between float32 and bfloat16).
     shifted = PrefixKV(keys=kv.keys, values=[v + 2.0 * torch.randn_like(v) for v in kv.values])
     attach_intact_kv(model, [BOS], shifted)
-    model.save_pretrained(tmp_path / "saved")
-    checkpoint = lay_out(tmp_path / "saved", shifted, tmp_path / "ckpt", sidecar=True)  # what vLLM can load
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)  # as saved: prefix in the side file, none in the weights vLLM loads
 
     generator = torch.Generator().manual_seed(5)
     words = [torch.randint(4, 124, (19,), generator=generator).tolist() for _ in range(6)]

@@ -17,8 +17,9 @@ __all__ = ["CONFIG_KEY", "FORMAT_VERSION", "KEY_BUFFER", "VALUE_BUFFER", "Intact
 
 CONFIG_KEY = "intactkv_config"
 FORMAT_VERSION = 1
-#: Names of the buffers registered on every attention module; they are what the
-#: checkpoint's safetensors hold, as ``<attention module path>.intact_key``.
+#: Names of the (non-persistent) buffers registered on every attention module,
+#: and the last part of each tensor's name in the checkpoint's side file
+#: (:data:`intactkv_modifier.sidecar.SIDECAR_PATH`).
 KEY_BUFFER = "intact_key"
 VALUE_BUFFER = "intact_value"
 

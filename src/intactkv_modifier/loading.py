@@ -1,87 +1,82 @@
-"""Applying a checkpoint's intact prefix KV when transformers builds the model.
+"""Applying a checkpoint's intact prefix KV when transformers loads the model.
 
-Importing :mod:`intactkv_modifier` wraps ``PreTrainedModel.post_init``, the one
-step every transformers model runs at the end of ``__init__``, before
-``from_pretrained`` loads weights. A model whose config carries the IntactKV
-block gets its prefix buffers (so the stored tensors load with no unexpected-key
-warning) and the splicing hooks; every other model is left untouched.
+Importing :mod:`intactkv_modifier` wraps ``PreTrainedModel.from_pretrained``.
+When the loaded model's config carries the IntactKV block, the wrapper reads the
+prefix K/V from the checkpoint's side file (or, for checkpoints written before
+it existed, from the weight files) and gives the model its buffers and splicing
+hooks; every other model is returned untouched.
 
-It also wraps the step where transformers materialises the keys a checkpoint did
-not provide (or provided with another shape), so that a checkpoint whose config
-announces IntactKV but whose tensors are absent or misshapen fails to load with
-a clear error instead of attending to uninitialised memory.
+Why after loading and not while building the model: transformers 5 builds models
+on the meta device and fills only what the weight files hold. The prefix buffers
+are non-persistent (so that no weight file holds them and vLLM can load the
+weights), so transformers would leave them uninitialised; the finished model,
+on its final devices, is the first point where they can be filled for real.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
+from transformers.utils import cached_file
 
 from intactkv_modifier.architecture import attention_modules
-from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
-from intactkv_modifier.storage import prepare_for_loading
+from intactkv_modifier.config import CONFIG_KEY
+from intactkv_modifier.sidecar import SIDECAR_PATH
+from intactkv_modifier.storage import config_of, load_intact_kv
 
 __all__ = ["install_loading_hook"]
 
 _MARK = "_intactkv_loading_hook"
+#: ``from_pretrained`` arguments that say where a hub checkpoint's files come from.
+_HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 def install_loading_hook() -> None:
     """Idempotent: importing the package twice, or reloading it, wraps only once."""
-    original = PreTrainedModel.post_init
+    original = PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
     if getattr(original, _MARK, False):
         return
 
     @functools.wraps(original)
-    def post_init(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        block = getattr(self.config, CONFIG_KEY, None)
-        if block is not None and _is_decoder_with_layers(self):
-            prepare_for_loading(self, IntactKVConfig.from_config_value(block))
-        return result
+    def from_pretrained(
+        cls: type[PreTrainedModel],
+        pretrained_model_name_or_path: str | os.PathLike[str] | None,
+        *model_args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        loaded = original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True adds a dict
+        config = config_of(model)
+        if config is not None and _is_decoder_with_layers(model):
+            load_intact_kv(model, config, _checkpoint_folder(pretrained_model_name_or_path, kwargs))
+        return loaded
 
-    setattr(post_init, _MARK, True)
-    PreTrainedModel.post_init = post_init  # type: ignore[method-assign]
-    _guard_missing_prefix_tensors()
-
-
-def _guard_missing_prefix_tensors() -> None:
-    original = getattr(PreTrainedModel, "_move_missing_keys_from_meta_to_device", None)
-    if original is None or getattr(original, _MARK, False):
-        return  # another transformers version: the runtime's first-forward check still guards shapes
-
-    @functools.wraps(original)
-    def move_missing_keys(self: PreTrainedModel, missing_keys: Any, *args: Any, **kwargs: Any) -> Any:
-        suffixes = (f".{KEY_BUFFER}", f".{VALUE_BUFFER}")
-        absent = sorted(key for key in missing_keys if key.endswith(suffixes))
-        if absent:
-            raise ValueError(
-                f"The checkpoint's config announces IntactKV ({CONFIG_KEY}) but {len(absent)} prefix tensors are "
-                f"missing or have another shape than the config block declares, e.g. {absent[0]}. "
-                "Re-export the checkpoint, or remove the block from config.json to load it without IntactKV."
-            )
-        block = getattr(self.config, CONFIG_KEY, None)
-        if block is not None and _is_decoder_with_layers(self):
-            _check_loaded_shapes(self, IntactKVConfig.from_config_value(block))
-        return original(self, missing_keys, *args, **kwargs)
-
-    setattr(move_missing_keys, _MARK, True)
-    PreTrainedModel._move_missing_keys_from_meta_to_device = move_missing_keys  # type: ignore[method-assign]
+    setattr(from_pretrained, _MARK, True)
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[method-assign,assignment]
 
 
-def _check_loaded_shapes(model: PreTrainedModel, config: IntactKVConfig) -> None:
-    """Transformers loads a buffer of another shape without complaint; the block is the contract."""
-    for attention in attention_modules(model):
-        for name in (KEY_BUFFER, VALUE_BUFFER):
-            shape = tuple(getattr(attention, name).shape)
-            if shape != config.buffer_shape:
-                raise ValueError(
-                    f"The checkpoint's IntactKV tensor `{name}` of layer {attention.layer_idx} has shape {shape}, "
-                    f"but its config block declares {config.buffer_shape} "
-                    f"({config.prefix_length} prefix tokens); the prefix KV does not match its config."
-                )
+def _checkpoint_folder(source: str | os.PathLike[str] | None, kwargs: dict[str, Any]) -> Path:
+    """The local folder holding the checkpoint: the one given, or the hub snapshot transformers downloaded to.
+
+    For a hub id the side file is fetched into that snapshot first; it is optional
+    there, since a checkpoint of the older layout keeps its tensors in the weight
+    files already downloaded.
+    """
+    if source is None:
+        raise ValueError(
+            f"The model's config carries `{CONFIG_KEY}`, but it was not loaded from a checkpoint folder, so there "
+            "is no prefix K/V to read. Load it from its folder, or attach the prefix with `attach_intact_kv`."
+        )
+    subfolder = kwargs.get("subfolder") or ""
+    if Path(source).is_dir():
+        return Path(source) / subfolder
+    hub = {name: kwargs[name] for name in _HUB_ARGUMENTS if name in kwargs}
+    cached_file(source, SIDECAR_PATH, _raise_exceptions_for_missing_entries=False, **hub)
+    return Path(cached_file(source, "config.json", **hub)).parent
 
 
 def _is_decoder_with_layers(model: PreTrainedModel) -> bool:

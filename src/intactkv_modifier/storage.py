@@ -1,10 +1,12 @@
 """Keeping the prefix K/V on the model so that it is saved, loaded and used.
 
-The tensors live as persistent buffers of each attention module, so any
-``save_pretrained`` (compressed or not) writes them to the checkpoint's
-safetensors and ``from_pretrained`` fills them back; the config block lives on
-``model.config`` and is written to ``config.json`` after every save, because
-llm-compressor rewrites that file from the original model's config.
+The tensors live as non-persistent buffers of each attention module: they move
+with ``model.to(...)`` like any buffer, yet no ``state_dict`` (so no weight file,
+compressed or not) holds them, because weight loaders such as vLLM's reject
+tensors their model lacks. After every ``save_pretrained`` they are written to
+the side file :data:`~intactkv_modifier.sidecar.SIDECAR_PATH` and the config
+block to ``config.json`` (llm-compressor rewrites that file from the original
+model's config); :func:`load_intact_kv` reads them back.
 """
 
 from __future__ import annotations
@@ -14,18 +16,24 @@ import json
 import os
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from transformers import PreTrainedModel
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
 from intactkv_modifier.capture import PrefixKV
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
 from intactkv_modifier.runtime import IntactKVRuntime
+from intactkv_modifier.serving.checkpoint import read_prefix_tensors
+from intactkv_modifier.sidecar import SIDECAR_PATH, write_sidecar
 
-__all__ = ["attach_intact_kv", "config_of", "prepare_for_loading", "prefix_kv_of", "write_config_block"]
+__all__ = ["attach_intact_kv", "config_of", "load_intact_kv", "prefix_kv_of", "write_config_block"]
+
+_SAVES_PREFIX = "_intactkv_saves_prefix"
 
 
 def config_for(model: PreTrainedModel, prefix_token_ids: list[int], dtype: torch.dtype) -> IntactKVConfig:
@@ -49,36 +57,33 @@ def attach_intact_kv(
     dtype = prefix_kv.keys[0].dtype
     config = config_for(model, prefix_token_ids, dtype).model_copy(update={"calibration": calibration})
     attentions = _checked_attentions(model, config)
-    if len(prefix_kv.keys) != len(attentions):
-        raise ValueError(f"prefix KV has {len(prefix_kv.keys)} layers, the model has {len(attentions)}")
-    for attention, key, value in zip(attentions, prefix_kv.keys, prefix_kv.values):
-        for name, tensor in ((KEY_BUFFER, key), (VALUE_BUFFER, value)):
-            if tuple(tensor.shape) != config.buffer_shape:
-                raise ValueError(f"{name} of layer {attention.layer_idx} has shape {tuple(tensor.shape)}, "
-                                 f"expected {config.buffer_shape}")
-            attention.register_buffer(name, tensor.detach().to(dtype).clone(), persistent=True)
-    setattr(model.config, CONFIG_KEY, config.to_config_value())
-    IntactKVRuntime.install(model, prefix_token_ids)
-    _write_config_after_save(model)
+    _register_buffers(attentions, config, prefix_kv, lambda tensor, _: tensor.detach().to(dtype).clone())
+    _install(model, config)
     return config
 
 
-def prepare_for_loading(model: PreTrainedModel, config: IntactKVConfig) -> None:
-    """Give a freshly built model empty prefix buffers that ``from_pretrained`` will fill.
+def load_intact_kv(model: PreTrainedModel, config: IntactKVConfig, checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Give a model just loaded from ``checkpoint_dir`` the prefix K/V stored there, as ``config`` declares.
 
-    The buffers start as NaN so that a checkpoint lacking them fails loudly at the
-    first forward instead of attending to uninitialised memory.
+    Each buffer is placed on its attention module's device and in the model's
+    dtype, as ``from_pretrained`` places weights; for a checkpoint stored in the
+    model's dtype the buffers are bit-exact copies of the stored tensors.
     """
-    for attention in _checked_attentions(model, config):
-        for name in (KEY_BUFFER, VALUE_BUFFER):
-            existing = getattr(attention, name, None)
-            if existing is not None and tuple(existing.shape) == config.buffer_shape:
-                continue
-            attention.register_buffer(
-                name, torch.full(config.buffer_shape, float("nan"), dtype=config.torch_dtype), persistent=True
-            )
-    IntactKVRuntime.install(model, config.prefix_token_ids)
-    _write_config_after_save(model)
+    attentions = _checked_attentions(model, config)
+    stored = read_prefix_tensors(checkpoint_dir, config)
+    if stored.source != Path(checkpoint_dir) / SIDECAR_PATH:
+        logger.warning(
+            f"IntactKV: {checkpoint_dir} keeps its prefix K/V in its weight files (the layout before "
+            f"{SIDECAR_PATH}); they are applied, but vLLM refuses such a checkpoint: save it again to move them."
+        )
+    dtype = model.dtype
+    _register_buffers(
+        attentions,
+        config,
+        PrefixKV(keys=list(stored.keys), values=list(stored.values)),
+        lambda tensor, attention: tensor.to(device=_device_of(attention), dtype=dtype),
+    )
+    _install(model, config)
 
 
 def config_of(model: PreTrainedModel) -> IntactKVConfig | None:
@@ -125,10 +130,45 @@ def _checked_attentions(model: PreTrainedModel, config: IntactKVConfig) -> list[
     return attention_modules(model)
 
 
-def _write_config_after_save(model: PreTrainedModel) -> None:
-    """Wrap ``save_pretrained`` (plain or llm-compressor's) so the block lands in config.json."""
+def _register_buffers(
+    attentions: list[torch.nn.Module],
+    config: IntactKVConfig,
+    prefix_kv: PrefixKV,
+    place: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor],
+) -> None:
+    """Non-persistent, so no ``state_dict`` and hence no weight file ever holds them."""
+    if len(prefix_kv.keys) != len(attentions) or len(prefix_kv.values) != len(attentions):
+        raise ValueError(
+            f"prefix KV has {len(prefix_kv.keys)} key and {len(prefix_kv.values)} value layers, "
+            f"the model has {len(attentions)}"
+        )
+    for attention, key, value in zip(attentions, prefix_kv.keys, prefix_kv.values):
+        for name, tensor in ((KEY_BUFFER, key), (VALUE_BUFFER, value)):
+            if tuple(tensor.shape) != config.buffer_shape:
+                raise ValueError(f"{name} of layer {attention.layer_idx} has shape {tuple(tensor.shape)}, "
+                                 f"expected {config.buffer_shape}")
+            attention.register_buffer(name, place(tensor, attention), persistent=False)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where the module computes: its first materialised parameter's device (the CPU for a bare module)."""
+    for parameter in module.parameters():
+        if not parameter.is_meta:
+            return parameter.device
+    return torch.device("cpu")
+
+
+def _install(model: PreTrainedModel, config: IntactKVConfig) -> None:
+    """The block on the model's config, the splicing hooks, and the save wrapper: what every IntactKV model has."""
+    setattr(model.config, CONFIG_KEY, config.to_config_value())
+    IntactKVRuntime.install(model, config.prefix_token_ids)
+    _save_prefix_with_model(model)
+
+
+def _save_prefix_with_model(model: PreTrainedModel) -> None:
+    """Wrap ``save_pretrained`` (plain or llm-compressor's) so the side file and the block join the checkpoint."""
     save = model.save_pretrained
-    if getattr(save, "_intactkv_writes_config", False):
+    if getattr(save, _SAVES_PREFIX, False):
         return
     model_ref = weakref.ref(model)
 
@@ -136,10 +176,19 @@ def _write_config_after_save(model: PreTrainedModel) -> None:
     def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
         result = save(save_directory, *args, **kwargs)
         owner = model_ref()
-        block = getattr(owner.config, CONFIG_KEY, None) if owner is not None else None
-        if block is not None and (Path(save_directory) / "config.json").exists():
-            write_config_block(save_directory, IntactKVConfig.from_config_value(block).to_config_value())
+        if owner is not None and kwargs.get("is_main_process", True):
+            _write_prefix(owner, Path(save_directory))
         return result
 
-    save_pretrained._intactkv_writes_config = True  # type: ignore[attr-defined]
+    setattr(save_pretrained, _SAVES_PREFIX, True)
     model.save_pretrained = save_pretrained
+
+
+def _write_prefix(model: PreTrainedModel, directory: Path) -> None:
+    """The side file, then the block: llm-compressor rewrites config.json from the original model's config."""
+    config = config_of(model)
+    if config is None or not (directory / "config.json").exists():
+        return
+    prefix_kv = prefix_kv_of(model)
+    write_sidecar(directory, prefix_kv.keys, prefix_kv.values, config.torch_dtype)
+    write_config_block(directory, config.to_config_value())

@@ -10,13 +10,14 @@ which vLLM's weight loader never opens (it globs ``*.safetensors`` in the
 folder's top level only), and otherwise in the model's own weight files, where
 checkpoints written before that file existed keep them. vLLM refuses the latter
 (see :func:`prefix_tensors_in_weight_files`), so serving needs the side file.
+Loading with transformers (:mod:`intactkv_modifier.loading`) reads through
+:func:`read_prefix_tensors` too, so both accept and reject the same folders.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
+from intactkv_modifier.sidecar import SIDECAR_PATH, parse_tensor_name
 
 __all__ = [
     "SIDECAR_PATH",
@@ -31,14 +33,15 @@ __all__ = [
     "prefix_tensors_in_weight_files",
     "read_config_block",
     "read_prefix",
+    "read_prefix_tensors",
 ]
 
-#: Where the prefix K/V live, relative to the checkpoint folder: one level down,
-#: so no ``*.safetensors`` glob over the folder (vLLM's, transformers') sees them.
-SIDECAR_PATH = "intactkv/prefix_kv.safetensors"
-
 _INDEX_FILE = "model.safetensors.index.json"
-_TENSOR_NAME = re.compile(rf"(?:^|\.)layers\.(\d+)\.self_attn\.({KEY_BUFFER}|{VALUE_BUFFER})$")
+#: What every refusal below tells the user to do.
+_REMEDY = (
+    f"Re-export the checkpoint with intactkv-modifier (it writes {SIDECAR_PATH}), or remove `{CONFIG_KEY}` "
+    "from config.json to use the model without IntactKV."
+)
 
 
 @dataclass(frozen=True)
@@ -72,35 +75,40 @@ def prefix_tensors_in_weight_files(checkpoint_dir: str | os.PathLike[str]) -> li
     holding = []
     for path in _weight_files(Path(checkpoint_dir)):
         with safe_open(str(path), framework="pt") as handle:
-            if any(_TENSOR_NAME.search(name) for name in handle.keys()):
+            if any(parse_tensor_name(name) is not None for name in handle.keys()):
                 holding.append(path.name)
     return holding
 
 
 def read_prefix(checkpoint_dir: str | os.PathLike[str]) -> StoredPrefix | None:
     """The checkpoint's prefix K/V, checked against its config block; ``None`` without a block."""
+    config = read_config_block(checkpoint_dir)
+    return None if config is None else read_prefix_tensors(checkpoint_dir, config)
+
+
+def read_prefix_tensors(checkpoint_dir: str | os.PathLike[str], config: IntactKVConfig) -> StoredPrefix:
+    """The prefix K/V in ``checkpoint_dir``, checked against ``config``: every layer, shape, dtype, finite.
+
+    ``config`` is passed rather than read so that a loader checks the tensors
+    against the block its model was actually built with.
+    """
     directory = Path(checkpoint_dir)
-    config = read_config_block(directory)
-    if config is None:
-        return None
     sidecar = directory / SIDECAR_PATH
-    source = sidecar if sidecar.is_file() else directory
-    files = [sidecar] if sidecar.is_file() else _weight_files(directory)
+    source, files = (sidecar, [sidecar]) if sidecar.is_file() else (directory, _weight_files(directory))
     found: dict[tuple[int, str], torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():
-                match = _TENSOR_NAME.search(name)
-                if match is None:
+                key = parse_tensor_name(name)
+                if key is None:
                     continue
-                key = (int(match.group(1)), match.group(2))
                 if key in found:
                     raise ValueError(f"IntactKV tensor {name} appears twice in {directory}")
                 found[key] = handle.get_tensor(name)
     if not found:
         raise ValueError(
-            f"{directory}/config.json announces IntactKV ({CONFIG_KEY}) but neither {SIDECAR_PATH} nor the "
-            "weight files hold its prefix tensors; re-export the checkpoint with intactkv-modifier."
+            f"{directory}: its config announces IntactKV ({CONFIG_KEY}) but neither {SIDECAR_PATH} nor the weight "
+            f"files hold its prefix tensors (copied without the {Path(SIDECAR_PATH).parent}/ folder?). {_REMEDY}"
         )
     keys = tuple(_checked(found, config, layer, KEY_BUFFER, directory) for layer in range(config.num_layers))
     values = tuple(_checked(found, config, layer, VALUE_BUFFER, directory) for layer in range(config.num_layers))
@@ -108,7 +116,7 @@ def read_prefix(checkpoint_dir: str | os.PathLike[str]) -> StoredPrefix | None:
     if extra:
         raise ValueError(
             f"{directory} holds IntactKV tensors for layers {extra}, but its config block declares "
-            f"{config.num_layers} layers; the prefix K/V do not belong to this config."
+            f"{config.num_layers} layers; the prefix K/V do not belong to this config. {_REMEDY}"
         )
     return StoredPrefix(config=config, keys=keys, values=values, source=source)
 
@@ -118,15 +126,15 @@ def _checked(
 ) -> torch.Tensor:
     tensor = found.get((layer, kind))
     if tensor is None:
-        raise ValueError(f"{directory} lacks the IntactKV tensor `{kind}` of layer {layer}; re-export the checkpoint.")
+        raise ValueError(f"{directory} lacks the IntactKV tensor `{kind}` of layer {layer}. {_REMEDY}")
     if tuple(tensor.shape) != config.buffer_shape or tensor.dtype != config.torch_dtype:
         raise ValueError(
             f"IntactKV tensor `{kind}` of layer {layer} in {directory} is {tuple(tensor.shape)} {tensor.dtype}, but "
             f"the config block declares {config.buffer_shape} {config.torch_dtype} "
-            f"({config.prefix_length} prefix tokens); the prefix K/V do not match their config."
+            f"({config.prefix_length} prefix tokens); the prefix K/V do not match their config. {_REMEDY}"
         )
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"IntactKV tensor `{kind}` of layer {layer} in {directory} holds non-finite values.")
+        raise ValueError(f"IntactKV tensor `{kind}` of layer {layer} in {directory} holds non-finite values. {_REMEDY}")
     return tensor
 
 

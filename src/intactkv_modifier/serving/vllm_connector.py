@@ -29,7 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
-from intactkv_modifier.serving.checkpoint import SIDECAR_PATH, read_prefix
+from intactkv_modifier.serving.checkpoint import read_prefix
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
 from intactkv_modifier.serving.paged import (
     PrefixLoad,
@@ -40,6 +40,7 @@ from intactkv_modifier.serving.paged import (
     slot_indices,
     write_prefix,
 )
+from intactkv_modifier.sidecar import SIDECAR_PATH
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig, VllmConfig

@@ -23,7 +23,8 @@ from typing import Any, Literal
 from loguru import logger
 
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
-from intactkv_modifier.serving.checkpoint import SIDECAR_PATH, prefix_tensors_in_weight_files, read_config_block
+from intactkv_modifier.serving.checkpoint import prefix_tensors_in_weight_files, read_config_block
+from intactkv_modifier.sidecar import SIDECAR_PATH
 
 __all__ = ["CONNECTOR_CLASS", "CONNECTOR_MODULE", "ConnectorDecision", "decide_connector", "register"]
 
