@@ -72,7 +72,10 @@ def run_recipe(args: argparse.Namespace, name: str, calib: torch.Tensor, evaluat
     model = load_model(args.model, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     calibration = (
-        CalibrationSettings(num_samples=calib.shape[0], epochs=args.cal_epochs, lr=args.cal_lr, seed=args.seed)
+        CalibrationSettings(
+            num_samples=calib.shape[0], epochs=args.cal_epochs, lr=args.cal_lr, batch_size=args.cal_batch_size,
+            seed=args.seed,
+        )
         if args.cal_epochs
         else None
     )
@@ -146,6 +149,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cal-epochs", type=int, default=20, help="0 skips the +Cal rows")
     parser.add_argument("--cal-lr", type=float, default=2e-4)
+    parser.add_argument("--cal-batch-size", type=int, default=1, help="samples per optimizer step (paper: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -172,7 +176,7 @@ def main() -> None:
         "eval_windows": args.eval_windows,
         "window_length": args.length,
         "seed": args.seed,
-        "calibration": {"epochs": args.cal_epochs, "lr": args.cal_lr},
+        "calibration": {"epochs": args.cal_epochs, "lr": args.cal_lr, "batch_size": args.cal_batch_size},
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU",
         "machine": platform.platform(),
         "ppl_fp": fp,

@@ -10,7 +10,15 @@ from test_modifier import gptq, quantize
 from tiny_models import BOS, load, load_tokenizer, text_samples
 
 from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, prefix_kv_of
-from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_kv, prefix_mse, record_targets
+from intactkv_modifier.calibration import (
+    CalibrationSettings,
+    CalibrationTargets,
+    _batch_loss,
+    _equal_length_batches,
+    calibrate_prefix_kv,
+    prefix_mse,
+    record_targets,
+)
 
 FAST = CalibrationSettings(num_samples=16, epochs=5, lr=1e-2, seed=0)
 
@@ -28,7 +36,7 @@ def _targets(model_dir, seed: int, count: int):
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    return {n: t.clone() for n, t in model.state_dict().items() if "intact_" not in n}
+    return {n: t.clone() for n, t in model.state_dict().items()}
 
 
 def test_calibration_lowers_heldout_loss_and_changes_no_weight(tiny_model_dirs, quantized):
@@ -71,3 +79,35 @@ def test_asking_for_more_samples_than_the_data_holds_fails_clearly(tiny_model_di
     too_many = CalibrationSettings(num_samples=50, epochs=1)
     with pytest.raises(ValueError, match="asked for 50 samples but the calibration data holds only 4"):
         quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(calibration=too_many)], samples=4)
+
+
+def test_batches_hold_samples_of_one_length_each_once():
+    lengths = [5, 7, 5, 5, 7, 5, 9]
+    targets = CalibrationTargets(input_ids=[torch.zeros(n, dtype=torch.long) for n in lengths], hidden_states=[],
+                                 prefix_length=1)
+    batches = _equal_length_batches(targets, [6, 0, 1, 2, 3, 4, 5], batch_size=2)
+    assert batches == [[6], [0, 2], [1, 4], [3, 5]]
+
+
+def test_a_batch_loss_is_the_mean_of_its_samples_losses(tiny_model_dirs, quantized):
+    targets = _targets(tiny_model_dirs["llama"], seed=1, count=16)
+    same_length = next(batch for batch in _equal_length_batches(targets, list(range(16)), 16) if len(batch) > 1)
+    ids = [targets.input_ids[i] for i in same_length]
+    hidden = [targets.hidden_states[i] for i in same_length]
+    with torch.no_grad():
+        batched = float(_batch_loss(quantized, ids, hidden, targets.prefix_length))
+        singles = [float(_batch_loss(quantized, [i], [h], targets.prefix_length)) for i, h in zip(ids, hidden)]
+    assert batched == pytest.approx(sum(singles) / len(singles), rel=1e-5)
+
+
+def test_batched_calibration_lowers_heldout_loss(tiny_model_dirs, quantized):
+    heldout = _targets(tiny_model_dirs["llama"], seed=99, count=6)
+    before = prefix_mse(quantized, heldout)
+    original = prefix_kv_of(quantized)
+    batched = FAST.model_copy(update={"batch_size": 4, "epochs": 10})
+    calibrated = calibrate_prefix_kv(quantized, _targets(tiny_model_dirs["llama"], seed=1, count=16), batched)
+    attach_intact_kv(quantized, [BOS], calibrated)
+    try:
+        assert prefix_mse(quantized, heldout) < before
+    finally:
+        attach_intact_kv(quantized, [BOS], original)

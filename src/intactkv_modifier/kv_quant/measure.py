@@ -28,7 +28,10 @@ AttentionInputs = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 
 @torch.no_grad()
 def attention_inputs(model: PreTrainedModel, windows: torch.Tensor) -> list[AttentionInputs]:
-    """Per layer: the hidden states and position embeddings its attention receives in a full-precision forward."""
+    """Per layer: the hidden states and position embeddings its attention receives in a full-precision forward.
+
+    ``windows`` may live anywhere; they go to the device of the model's embeddings.
+    """
     captured: dict[int, AttentionInputs] = {}
 
     def grab(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -38,7 +41,7 @@ def attention_inputs(model: PreTrainedModel, windows: torch.Tensor) -> list[Atte
     attentions = attention_modules(model)
     handles = [attention.register_forward_pre_hook(grab, with_kwargs=True) for attention in attentions]
     try:
-        model(input_ids=windows, use_cache=False)
+        model(input_ids=windows.to(model.get_input_embeddings().weight.device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
