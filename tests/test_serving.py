@@ -324,6 +324,13 @@ def test_plugin_adds_its_connector_only_where_it_can_be_honoured(saved):
     assert not decide(config, kv_connector=CONNECTOR_CLASS).inject  # the user configured it already
 
 
+def test_plugin_says_vllm_does_not_apply_the_checkpoints_kv_cache_quantization(saved):
+    config, _, _ = saved
+    decision = decide(config.model_copy(update={"kv_cache": {"residual_length": 32}}))
+    assert decision.inject and decision.level == "WARNING" and "`kv_cache` quantization" in decision.message
+    assert decide(config).level == "INFO"
+
+
 def test_importing_the_plugin_does_not_import_vllm():
     code = "import sys, intactkv_modifier.serving.vllm_plugin; print('vllm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ AWQ's activation caches never see the prefix.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from transformers import DynamicCache, PreTrainedModel
 
 from intactkv_modifier.architecture import decoder_stack
+from intactkv_modifier.kv_quant.install import kv_quantization_of
 
 __all__ = ["PrefixKV", "capture_prefix_kv", "full_precision_forward", "model_kv_for_prefix"]
 
@@ -63,12 +64,17 @@ def full_precision_forward(model: torch.nn.Module) -> Iterator[None]:
 
 
 def model_kv_for_prefix(model: PreTrainedModel, prefix_token_ids: list[int]) -> PrefixKV:
-    """The KV the model computes for the prefix in its current state (quantized or not)."""
+    """The KV the model computes for the prefix in its current state (quantized or not).
+
+    It reads back a ``DynamicCache`` of its own, so an installed KV-cache
+    quantization, which would swap that cache for its own, is suspended.
+    """
     decoder = decoder_stack(model)
     device = get_execution_device(decoder.embed_tokens if hasattr(decoder, "embed_tokens") else model)
     input_ids = torch.tensor([prefix_token_ids], dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
+    kv_quantization = kv_quantization_of(model)
+    with torch.no_grad(), kv_quantization.suspended() if kv_quantization is not None else nullcontext():
         decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
     keys = [layer.keys[0].detach().clone() for layer in cache.layers]
     values = [layer.values[0].detach().clone() for layer in cache.layers]

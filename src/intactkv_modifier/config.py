@@ -35,7 +35,8 @@ class IntactKVConfig(BaseModel):
 
     ``layout`` names the tensor layout of each buffer: one entry per attention
     layer, shaped ``[num_key_value_heads, prefix_length, head_dim]``, keys taken
-    after the rotary embedding (exactly what a KV cache holds).
+    after the rotary embedding (exactly what a KV cache holds). ``kv_cache`` is
+    optional: a checkpoint without it decodes with transformers' FP cache.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +49,9 @@ class IntactKVConfig(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"]
     layout: Literal["heads_tokens_dim_post_rope"] = "heads_tokens_dim_post_rope"
     calibration: dict[str, Any] | None = None
+    #: KV-cache quantization the loader installs, as
+    #: :meth:`~intactkv_modifier.kv_quant.settings.KVQuantSettings.to_config_value` writes it
+    kv_cache: dict[str, Any] | None = None
 
     @field_validator("prefix_token_ids")
     @classmethod

@@ -36,6 +36,8 @@ from intactkv_modifier.calibration import (
     record_targets,
 )
 from intactkv_modifier.capture import PrefixKV, capture_prefix_kv, model_kv_for_prefix
+from intactkv_modifier.kv_quant.allocation import NormKind, allocate_bits
+from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.prefix import resolve_prefix_token_ids
 from intactkv_modifier.runtime import intact_kv_disabled
 from intactkv_modifier.storage import attach_intact_kv
@@ -60,18 +62,33 @@ class IntactKVModifier(Modifier):
     :param calibration: when set, fit the stored K/V to the FP model's outputs on
         oneshot's calibration samples after quantization (IntactKV+Cal); see
         :class:`~intactkv_modifier.calibration.CalibrationSettings`
+    :param kv_cache: quantize the KV cache the model decodes with, keys and
+        values separately (default K4V2: keys 4-bit per channel, values 2-bit per
+        token), the intact prefix kept in full precision; recorded in the
+        checkpoint so that loading applies it. See
+        :class:`~intactkv_modifier.kv_quant.settings.KVQuantSettings`
+    :param kv_cache_bit_budget: choose each layer's key/value bits from the K/V
+        projections' norms (``kv_cache_norm``) so that they average this many
+        bits; measured on the full-precision weights in the deployed basis, when
+        the prefix is captured. Grouping and the residual window come from
+        ``kv_cache`` (or its defaults)
+    :param kv_cache_norm: ``frobenius`` or ``spectral`` (arXiv 2502.15075 motivates both)
     """
 
     prefix_token_ids: list[int] | None = Field(default=None, min_length=1)
     prefix_text: str | None = Field(default=None, min_length=1)
     tokenizer: str | None = None
     calibration: CalibrationSettings | None = None
+    kv_cache: KVQuantSettings | None = None
+    kv_cache_bit_budget: float | None = Field(default=None, ge=2, le=8)
+    kv_cache_norm: NormKind = "frobenius"
 
     _prefix_ids: list[int] = PrivateAttr(default_factory=list)
     _captured: PrefixKV | None = PrivateAttr(default=None)
     _calibration_data: Any = PrivateAttr(default=None)
     _targets: CalibrationTargets | None = PrivateAttr(default=None)
     _calibration_seconds: float | None = PrivateAttr(default=None)
+    _kv_cache: KVQuantSettings | None = PrivateAttr(default=None)
 
     @property
     def resolved_prefix_token_ids(self) -> list[int]:
@@ -81,6 +98,11 @@ class IntactKVModifier(Modifier):
     def captured_prefix_kv(self) -> PrefixKV | None:
         """The full-precision prefix KV as captured, before any calibration: for A/B comparisons."""
         return self._captured
+
+    @property
+    def kv_cache_settings(self) -> KVQuantSettings | None:
+        """The KV-cache quantization the model got (per-layer bits filled in under a bit budget)."""
+        return self._kv_cache
 
     @property
     def calibration_seconds(self) -> float | None:
@@ -99,6 +121,9 @@ class IntactKVModifier(Modifier):
         )
         self._captured = None
         self._targets = None
+        self._kv_cache = self.kv_cache
+        if self.kv_cache is not None:
+            self.kv_cache.check_model(kv_geometry(model.config))  # a bad group size fails now, not after oneshot
         self._calibration_data = state.data.calib if state.data is not None else None
         if self.calibration is not None and self._calibration_data is None:
             raise ValueError("IntactKV calibration needs calibration data: pass `dataset=` to oneshot.")
@@ -121,7 +146,7 @@ class IntactKVModifier(Modifier):
         if self._captured is None:
             self._capture(model, "finalize (no quantizer calibrated with data)")
         self._log_replaced_error(model)
-        attach_intact_kv(model, self._prefix_ids, self._captured)
+        attach_intact_kv(model, self._prefix_ids, self._captured, kv_cache=self._kv_cache)
         if self._targets is not None:
             self._calibrate(model)
         return True
@@ -131,6 +156,9 @@ class IntactKVModifier(Modifier):
     def _capture(self, model: PreTrainedModel, moment: str) -> None:
         self._captured = capture_prefix_kv(model, self._prefix_ids)
         logger.info(f"IntactKV: captured full-precision prefix KV at {moment}")
+        if self.kv_cache_bit_budget is not None:
+            # the weights are not rounded yet: the norms are the full-precision projections'
+            self._kv_cache = allocate_bits(model, self.kv_cache_bit_budget, base=self.kv_cache, norm=self.kv_cache_norm).settings
         if self.calibration is not None:
             self._targets = record_targets(
                 model, self._calibration_data, self._prefix_ids, self.calibration.num_samples
@@ -142,11 +170,11 @@ class IntactKVModifier(Modifier):
         started = time.perf_counter()
         calibrated = calibrate_prefix_kv(model, self._targets, self.calibration)
         self._calibration_seconds = time.perf_counter() - started
-        attach_intact_kv(model, self._prefix_ids, calibrated)
+        attach_intact_kv(model, self._prefix_ids, calibrated, kv_cache=self._kv_cache)
         after = prefix_mse(model, self._targets)
         logger.info(f"IntactKV calibration: MSE to the FP model {before:.6g} -> {after:.6g}")
         record = {**self.calibration.model_dump(), "mse_before": before, "mse_after": after}
-        attach_intact_kv(model, self._prefix_ids, calibrated, calibration=record)
+        attach_intact_kv(model, self._prefix_ids, calibrated, calibration=record, kv_cache=self._kv_cache)
         self._targets = None
 
     def _log_replaced_error(self, model: PreTrainedModel) -> None:

@@ -27,6 +27,8 @@ from transformers import PreTrainedModel
 from intactkv_modifier.architecture import attention_modules, kv_geometry
 from intactkv_modifier.capture import PrefixKV
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
+from intactkv_modifier.kv_quant.install import install_kv_quantization
+from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.runtime import IntactKVRuntime
 from intactkv_modifier.serving.checkpoint import read_prefix_tensors
 from intactkv_modifier.sidecar import SIDECAR_PATH, write_sidecar
@@ -52,10 +54,20 @@ def attach_intact_kv(
     prefix_token_ids: list[int],
     prefix_kv: PrefixKV,
     calibration: dict[str, Any] | None = None,
+    kv_cache: KVQuantSettings | None = None,
 ) -> IntactKVConfig:
-    """Make ``model`` use, save and describe ``prefix_kv`` as its intact prefix KV."""
+    """Make ``model`` use, save and describe ``prefix_kv`` as its intact prefix KV.
+
+    With ``kv_cache`` the model also decodes with that quantized KV cache (the
+    prefix kept in full precision), and the checkpoint records it so loading
+    re-applies it. A quantization installed directly with
+    :func:`~intactkv_modifier.kv_quant.install.install_kv_quantization` stays in
+    place but is not recorded.
+    """
     dtype = prefix_kv.keys[0].dtype
-    config = config_for(model, prefix_token_ids, dtype).model_copy(update={"calibration": calibration})
+    config = config_for(model, prefix_token_ids, dtype).model_copy(
+        update={"calibration": calibration, "kv_cache": None if kv_cache is None else kv_cache.to_config_value()}
+    )
     attentions = _checked_attentions(model, config)
     _register_buffers(attentions, config, prefix_kv, lambda tensor, _: tensor.detach().to(dtype).clone())
     _install(model, config)
@@ -159,9 +171,16 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 def _install(model: PreTrainedModel, config: IntactKVConfig) -> None:
-    """The block on the model's config, the splicing hooks, and the save wrapper: what every IntactKV model has."""
+    """The block on the model's config, the splicing hooks, the KV-cache quantization the block names,
+    and the save wrapper: what every IntactKV model has."""
     setattr(model.config, CONFIG_KEY, config.to_config_value())
     IntactKVRuntime.install(model, config.prefix_token_ids)
+    if config.kv_cache is not None:
+        try:
+            settings = KVQuantSettings.from_config_value(config.kv_cache)
+        except ValueError as error:  # pydantic's ValidationError included
+            raise ValueError(f"`{CONFIG_KEY}.kv_cache` does not describe a KV-cache quantization: {error}") from error
+        install_kv_quantization(model, settings)
     _save_prefix_with_model(model)
 
 

@@ -80,11 +80,15 @@ def decide_connector(
             f"IntactKV: {model} carries a full-precision prefix K/V, but --kv-cache-dtype {kv_cache_dtype} would "
             "quantize it; serving WITHOUT IntactKV.",
         )
-    return ConnectorDecision(
-        True,
-        "INFO",
-        f"IntactKV: serving {model} with its stored K/V for prompts starting with {block.prefix_token_ids}",
-    )
+    serving = f"IntactKV: serving {model} with its stored K/V for prompts starting with {block.prefix_token_ids}"
+    if block.kv_cache is not None:
+        return ConnectorDecision(
+            True,
+            "WARNING",
+            f"{serving}; its `kv_cache` quantization is a transformers cache that vLLM's paged cache does not "
+            "implement, so vLLM keeps its own (unquantized) KV cache.",
+        )
+    return ConnectorDecision(True, "INFO", serving)
 
 
 def register() -> None:
