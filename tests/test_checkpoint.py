@@ -276,24 +276,19 @@ def _copy_with_config(out: Path, target: Path, edit) -> Path:
     return target
 
 
-def test_checkpoint_for_another_geometry_is_rejected(saved_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"num_key_value_heads": 4}, "does not belong to this model"),
+        ({"prefix_token_ids": [BOS, 5]}, r"is \(2, 1, 32\) torch.float32, but the config block declares \(2, 2, 32\)"),
+        ({"format_version": 99}, "format_version 99"),
+    ],
+    ids=["other-geometry", "tensors-unlike-block", "unknown-format-version"],
+)
+def test_block_that_does_not_match_is_rejected(saved_checkpoint, tmp_path, edit, message):
     _, out = saved_checkpoint
-    broken = _copy_with_config(out, tmp_path / "broken", lambda c: c[CONFIG_KEY].update(num_key_value_heads=4))
-    with pytest.raises(ValueError, match="does not belong to this model"):
-        load(broken)
-
-
-def test_tensors_that_do_not_match_the_block_are_rejected(saved_checkpoint, tmp_path):
-    _, out = saved_checkpoint
-    broken = _copy_with_config(out, tmp_path / "broken", lambda c: c[CONFIG_KEY].update(prefix_token_ids=[BOS, 5]))
-    with pytest.raises(ValueError, match=r"is \(2, 1, 32\) torch.float32, but the config block declares \(2, 2, 32\)"):
-        load(broken)
-
-
-def test_unknown_format_version_is_rejected(saved_checkpoint, tmp_path):
-    _, out = saved_checkpoint
-    broken = _copy_with_config(out, tmp_path / "broken", lambda c: c[CONFIG_KEY].update(format_version=99))
-    with pytest.raises(ValueError, match="format_version 99"):
+    broken = _copy_with_config(out, tmp_path / "broken", lambda c: c[CONFIG_KEY].update(edit))
+    with pytest.raises(ValueError, match=message):
         load(broken)
 
 

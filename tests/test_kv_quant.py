@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import BOS, load, load_tokenizer, text_samples
+from tiny_models import BOS, left_pad, load, load_tokenizer, text_samples
 from transformers import DynamicCache
 
 from intactkv_modifier import PrefixKV, attach_intact_kv, capture_prefix_kv
@@ -48,13 +48,6 @@ def _outlier_channels(*shape: int, dtype: torch.dtype = torch.float32) -> torch.
     """Random K/V-like states whose channels span three orders of magnitude, plus an offset."""
     scales = torch.logspace(-2, 1, shape[-1])
     return (torch.randn(*shape) * scales + 0.5).to(dtype)
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def _prompts(tokenizer, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -141,7 +134,7 @@ def test_cache_bytes_equal_the_formula_and_shrink(tiny_model_dirs):
     settings = KVQuantSettings.from_bits(4, 2, **SMALL)
     hook = install_kv_quantization(model, settings, full_precision_prefix=1)
     rows = _prompts(tokenizer, (9, 30))
-    ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
     generated = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
         return_dict_in_generate=True,
@@ -186,7 +179,7 @@ def test_intact_prefix_is_bit_exact_inside_the_quantized_cache(tiny_model_dirs, 
     attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))
     install_kv_quantization(model, KVQuantSettings.from_bits(2, 2, group_size=8, residual_length=0),
                             full_precision_prefix=None if keep_prefix else 0)
-    ids, mask = _left_pad(_prompts(tokenizer, (4, 11)), tokenizer.pad_token_id)
+    ids, mask = left_pad(_prompts(tokenizer, (4, 11)), tokenizer.pad_token_id)
 
     cache = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
@@ -212,7 +205,7 @@ def test_left_padded_batch_generates_like_unbatched(tiny_model_dirs, architectur
     tokenizer = load_tokenizer(tiny_model_dirs[architecture])
     install_kv_quantization(model, KVQuantSettings.from_bits(4, 2, **SMALL), full_precision_prefix=1)
     rows = _prompts(tokenizer, (5, 21, 12))
-    ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
 
     batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     for index, row in enumerate(rows):
@@ -224,7 +217,7 @@ def test_sampling_runs_on_the_quantized_cache_and_is_reproducible(tiny_model_dir
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     install_kv_quantization(model, KVQuantSettings.from_bits(3, 3, **SMALL))
-    ids, mask = _left_pad(_prompts(tokenizer, (6, 14)), tokenizer.pad_token_id)
+    ids, mask = left_pad(_prompts(tokenizer, (6, 14)), tokenizer.pad_token_id)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=0,
                   return_dict_in_generate=True)
 
@@ -302,7 +295,7 @@ def test_rows_can_be_reordered_across_padding_groups(tiny_model_dirs):
     """Beam search and batch expansion pick rows; each keeps its own full-precision prefix."""
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
-    ids, mask = _left_pad(_prompts(tokenizer, (6, 15)), tokenizer.pad_token_id)
+    ids, mask = left_pad(_prompts(tokenizer, (6, 15)), tokenizer.pad_token_id)
     cache = KeyFavoredQuantizedCache(model.config, KVQuantSettings.from_bits(4, 2, **SMALL), 1, [9, 0])
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache)

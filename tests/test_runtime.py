@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from loguru import logger
-from tiny_models import ARCHITECTURES, BOS, load, load_tokenizer, text_samples
+from tiny_models import ARCHITECTURES, BOS, left_pad, load, load_tokenizer, text_samples
 
 from intactkv_modifier import PrefixKV, attach_intact_kv, capture_prefix_kv, intact_kv_disabled
 
@@ -28,13 +28,6 @@ def _prompts(tokenizer, prefix: list[int], lengths: tuple[int, ...]) -> list[lis
 
 def _scaled(kv: PrefixKV, factor: float) -> PrefixKV:
     return PrefixKV(keys=[k * factor for k in kv.keys], values=[v * factor for v in kv.values])
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -106,7 +99,7 @@ def test_left_padded_batch_equals_unbatched(tiny_model_dirs, architecture):
     prefix = _prefix_of(tokenizer)
     attach_intact_kv(model, prefix, _scaled(capture_prefix_kv(model, prefix), 2.0))
     rows = _prompts(tokenizer, prefix, (4, 9, 6))
-    ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
 
     batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for index, row in enumerate(rows):
@@ -148,7 +141,7 @@ def test_prefix_off_position_zero_is_not_spliced(tiny_model_dirs):
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))
-    ids, mask = _left_pad(_prompts(tokenizer, [BOS], (3, 8)), tokenizer.pad_token_id)
+    ids, mask = left_pad(_prompts(tokenizer, [BOS], (3, 8)), tokenizer.pad_token_id)
     with intact_kv_disabled(model):
         plain = model(input_ids=ids, attention_mask=mask).logits
     spliced = model(input_ids=ids, attention_mask=mask).logits

@@ -105,3 +105,11 @@ def text_samples(count: int, length: int, seed: int = 1) -> list[str]:
 def calibration_dataset(tokenizer: PreTrainedTokenizerFast, count: int = 4, length: int = 24) -> Dataset:
     encoded = tokenizer(text_samples(count, length))
     return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts of unequal length, padded on the left as ``generate`` expects, with its attention mask."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask

@@ -23,6 +23,7 @@ from loguru import logger
 
 from intactkv_modifier.architecture import attention_modules, decoder_stack, kv_geometry
 from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
+from intactkv_modifier.padding import first_attended_positions
 
 __all__ = ["IntactKVRuntime", "intact_kv_disabled", "splice_prefix"]
 
@@ -192,7 +193,7 @@ class IntactKVRuntime:
 
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = attention_mask.bool()
-            starts = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), torch.full_like(mask[:, 0], length, dtype=torch.long))
+            starts = first_attended_positions(attention_mask)
         else:
             mask = None
             starts = torch.zeros(batch, dtype=torch.long, device=input_ids.device)

@@ -31,6 +31,7 @@ from transformers import DynamicCache, PreTrainedModel
 from intactkv_modifier.architecture import decoder_stack
 from intactkv_modifier.kv_quant.cache import KeyFavoredQuantizedCache
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
+from intactkv_modifier.padding import first_attended_positions
 from intactkv_modifier.runtime import IntactKVRuntime
 
 __all__ = ["KVQuantization", "install_kv_quantization", "kv_quantization_of", "left_padding", "remove_kv_quantization"]
@@ -105,10 +106,7 @@ def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
     """Leading zeros of each row of a 2-D attention mask (all of it for an empty row); ``None`` without one."""
     if attention_mask is None or attention_mask.dim() != 2:
         return None
-    mask = attention_mask.bool()
-    width = mask.shape[1]
-    first = torch.where(mask.any(dim=1), mask.int().argmax(dim=1), torch.full_like(mask[:, 0], width, dtype=torch.long))
-    return first.tolist()
+    return first_attended_positions(attention_mask).tolist()
 
 
 def install_kv_quantization(
