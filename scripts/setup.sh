@@ -10,4 +10,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and pinned, so nothing below can resolve a CUDA build
 .venv/bin/python -m pip install --quiet -c constraints.txt torch
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,bench]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[quantize,test,bench]"

@@ -337,6 +337,49 @@ def test_importing_the_plugin_does_not_import_vllm():
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
+_SERVING_ONLY = r"""
+import json, sys
+sys.modules["llmcompressor"] = None  # as in a vLLM environment: llm-compressor is not installed
+import torch
+import intactkv_modifier
+from intactkv_modifier.serving.checkpoint import read_prefix
+from intactkv_modifier.serving.vllm_plugin import decide_connector
+
+stored = read_prefix(sys.argv[1])
+decision = decide_connector(model=sys.argv[1], block=stored.config, kv_cache_dtype="auto", kv_connector=None,
+                            kv_offloading_size=None)
+torch.save({"keys": stored.keys, "values": stored.values}, sys.argv[2])
+try:
+    from intactkv_modifier import IntactKVModifier
+    modifier_error = None
+except ImportError as error:
+    modifier_error = str(error)
+print("RESULT " + json.dumps({
+    "available": intactkv_modifier.QUANTIZATION_AVAILABLE,
+    "llmcompressor_loaded": sys.modules.get("llmcompressor") is not None,
+    "block": stored.config.model_dump(mode="json"),
+    "inject": decision.inject,
+    "modifier_error": modifier_error,
+}))
+"""
+
+
+def test_plugin_reads_checkpoints_without_llmcompressor(saved, tmp_path):
+    """vLLM pins another compressed-tensors than llm-compressor, so its environment has no llm-compressor."""
+    config, kv, out = saved
+    tensors = tmp_path / "prefix.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", _SERVING_ONLY, str(out), str(tensors)], capture_output=True, text=True, check=True
+    )
+    report = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert not report["available"] and not report["llmcompressor_loaded"]
+    assert IntactKVConfig.model_validate(report["block"]) == config and report["inject"]
+    assert "pip install 'intactkv-modifier[quantize]'" in report["modifier_error"]
+    read_back = torch.load(tensors)
+    for a, b in zip(kv.keys + kv.values, read_back["keys"] + read_back["values"]):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------- vLLM, on a GPU
 
 _VLLM_RUN = r"""

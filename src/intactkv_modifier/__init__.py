@@ -3,20 +3,30 @@
 Importing the package registers :class:`IntactKVModifier` with llm-compressor's
 ``ModifierFactory`` (so YAML recipes can name it) and makes transformers apply
 the stored prefix KV of any checkpoint that carries one when it is loaded.
+
+Without llm-compressor (the ``quantize`` extra) only the checkpoint format and
+the vLLM plugin (:mod:`intactkv_modifier.serving`) are available: vLLM pins a
+compressed-tensors release that llm-compressor does not accept, so a serving
+environment cannot hold both, and importing the plugin runs this file.
 """
 
-from llmcompressor.modifiers.factory import ModifierFactory
+from typing import Any
 
-from intactkv_modifier.capture import PrefixKV, capture_prefix_kv
+from loguru import logger
+
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
-from intactkv_modifier.loading import install_loading_hook
-from intactkv_modifier.modifier import IntactKVModifier
-from intactkv_modifier.runtime import intact_kv_disabled
-from intactkv_modifier.storage import attach_intact_kv, config_of, prefix_kv_of
 
-__all__ = [
-    "CONFIG_KEY",
-    "IntactKVConfig",
+__version__ = "0.1.0"
+
+try:
+    import llmcompressor  # noqa: F401
+except ImportError:
+    QUANTIZATION_AVAILABLE = False
+else:
+    QUANTIZATION_AVAILABLE = True
+"""Whether llm-compressor imports, i.e. whether the modifier, capture and loading hook are available."""
+
+_NEEDS_QUANTIZE_EXTRA = (
     "IntactKVModifier",
     "PrefixKV",
     "attach_intact_kv",
@@ -24,9 +34,29 @@ __all__ = [
     "config_of",
     "intact_kv_disabled",
     "prefix_kv_of",
-]
+)
 
-__version__ = "0.1.0"
+__all__ = ["CONFIG_KEY", "QUANTIZATION_AVAILABLE", "IntactKVConfig"]
 
-ModifierFactory.register("IntactKVModifier", IntactKVModifier)
-install_loading_hook()
+if QUANTIZATION_AVAILABLE:
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    from intactkv_modifier.capture import PrefixKV, capture_prefix_kv
+    from intactkv_modifier.loading import install_loading_hook
+    from intactkv_modifier.modifier import IntactKVModifier
+    from intactkv_modifier.runtime import intact_kv_disabled
+    from intactkv_modifier.storage import attach_intact_kv, config_of, prefix_kv_of
+
+    __all__ += list(_NEEDS_QUANTIZE_EXTRA)
+    ModifierFactory.register("IntactKVModifier", IntactKVModifier)
+    install_loading_hook()
+else:
+    logger.debug("intactkv_modifier: llm-compressor is not installed; only the checkpoint format and vLLM plugin load")
+
+    def __getattr__(name: str) -> Any:
+        if name in _NEEDS_QUANTIZE_EXTRA:
+            raise ImportError(
+                f"intactkv_modifier.{name} needs llm-compressor, which is not installed: "
+                "pip install 'intactkv-modifier[quantize]'"
+            )
+        raise AttributeError(f"module 'intactkv_modifier' has no attribute '{name}'")
