@@ -9,6 +9,11 @@ K/V on the calibration windows against the FP model's final hidden states,
 recorded when the prefix is captured (after rotations, before quantization);
 the "+IntactKV" row puts back the uncalibrated capture.
 
+Each model is also scored through lm-eval's harness on a multiple-choice task
+made from the held-out text (:mod:`intactkv_modifier.eval.continuation_choice`:
+no lm-eval task's data can be downloaded here); ``pip install -e ".[lm-eval]"``,
+or ``--mc-questions 0`` to skip it.
+
     python benchmarks/quality.py --model models/pivot-llama --out benchmarks/results
 
 Writes ``quality.json`` and ``quality.md`` into ``--out``.
@@ -19,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -35,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from intactkv_modifier import IntactKVModifier, attach_intact_kv, intact_kv_disabled
 from intactkv_modifier.calibration import CalibrationSettings
+from intactkv_modifier.eval.continuation_choice import continuation_questions, write_lm_eval_task
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, token_windows
 
@@ -68,6 +76,25 @@ def load_model(model_dir: str, dtype: torch.dtype, device: str) -> torch.nn.Modu
     return model.to(device).eval()
 
 
+def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, args: argparse.Namespace) -> dict[str, float] | None:
+    """lm-eval's accuracy on the held-out continuation task written to ``args.mc_task_dir``; None when skipped."""
+    if not args.mc_questions:
+        return None
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    # add_bos_token: every request starts with [BOS], the prefix IntactKV replaces
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size * 4, add_bos_token=True, max_length=args.length)
+    task = args.mc_task_name
+    output = simple_evaluate(
+        model=lm, tasks=[task], task_manager=TaskManager(include_path=str(args.mc_task_dir)), random_seed=args.seed,
+        numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+    )
+    scores = output["results"][task]
+    return {metric: scores[f"{metric},none"] for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
+
+
 def run_recipe(args: argparse.Namespace, name: str, calib: torch.Tensor, evaluation: torch.Tensor, prefix: list[int]) -> dict:
     model = load_model(args.model, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -99,10 +126,13 @@ def run_recipe(args: argparse.Namespace, name: str, calib: torch.Tensor, evaluat
         if args.device.startswith("cuda"):
             row["oneshot_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["ppl_intactkv_cal"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV+Cal")
+        row["mc_intactkv_cal"] = multiple_choice_accuracy(model, tokenizer, args)
         attach_intact_kv(model, prefix, intactkv.captured_prefix_kv)  # back to the uncalibrated capture
     with intact_kv_disabled(model):
         row["ppl_quantized"] = perplexity(model, evaluation, args.batch_size, f"{name}: quantized")
+        row["mc_quantized"] = multiple_choice_accuracy(model, tokenizer, args)
     row["ppl_intactkv"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV")
+    row["mc_intactkv"] = multiple_choice_accuracy(model, tokenizer, args)
     return row
 
 
@@ -129,7 +159,30 @@ def markdown(result: dict) -> str:
             f"| {row['recipe']} | {row['ppl_quantized']:.3f} | {row['ppl_intactkv']:.3f} | "
             f"{'' if cal is None else f'{cal:.3f}'} | {fmt(closed)} / {fmt(closed_cal)} |"
         )
+    if result.get("mc_fp"):
+        lines += multiple_choice_table(result)
     return "\n".join(lines) + "\n"
+
+
+def multiple_choice_table(result: dict) -> list[str]:
+    def cell(scores: dict | None) -> str:
+        return "" if not scores else f"{scores['acc']:.3f} ± {scores['acc_stderr']:.3f} / {scores['acc_norm']:.3f}"
+
+    lines = [
+        "",
+        f"lm-eval `{result['mc_task']}`: {result['mc_questions']} four-way questions from the held-out text (context "
+        "16 words, answer the next 6, wrong answers from other paragraphs); acc ± standard error / acc_norm.",
+        "",
+        "| recipe | quantized | +IntactKV | +IntactKV+Cal |",
+        "|---|---|---|---|",
+        f"| FP ({result['dtype']}) | {cell(result['mc_fp'])} | | |",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['recipe']} | {cell(row.get('mc_quantized'))} | {cell(row.get('mc_intactkv'))} | "
+            f"{cell(row.get('mc_intactkv_cal'))} |"
+        )
+    return lines
 
 
 def previous_rows(path: Path, exclude: list[str]) -> list[dict]:
@@ -155,6 +208,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument(
+        "--mc-questions", type=int, default=1500, help="questions of the lm-eval multiple-choice task; 0 skips it"
+    )
+    parser.add_argument(
         "--append", action="store_true",
         help="keep the rows of other recipes already in --out/quality.json (split a long run over several calls)",
     )
@@ -167,8 +223,17 @@ def main() -> None:
     prefix = [tokenizer.bos_token_id]
     calib = token_windows(tokenizer, load_corpus_text("calibration"), prefix, args.length, args.calibration_windows)
     evaluation = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.eval_windows)
+    if args.mc_questions:
+        if find_spec("lm_eval") is None:
+            parser.error('the multiple-choice task needs lm-eval: pip install -e ".[lm-eval]", or pass --mc-questions 0')
+        args.mc_task_dir = Path(tempfile.mkdtemp(prefix="intactkv-lm-eval-"))  # rebuilt from --seed every run
+        questions = continuation_questions(load_corpus_text("eval"), args.mc_questions, seed=args.seed)
+        args.mc_task_name = write_lm_eval_task(args.mc_task_dir, questions)
 
-    fp = perplexity(load_model(args.model, args.dtype, args.device), evaluation, args.batch_size, "FP")
+    fp_model = load_model(args.model, args.dtype, args.device)
+    fp = perplexity(fp_model, evaluation, args.batch_size, "FP")
+    mc_fp = multiple_choice_accuracy(fp_model, tokenizer, args)
+    del fp_model
     result = {
         "model": args.model,
         "dtype": str(args.dtype).removeprefix("torch."),
@@ -180,6 +245,9 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU",
         "machine": platform.platform(),
         "ppl_fp": fp,
+        "mc_task": getattr(args, "mc_task_name", None),
+        "mc_questions": args.mc_questions,
+        "mc_fp": mc_fp,
         "rows": previous_rows(args.out / "quality.json", exclude=names) if args.append else [],
     }
     for name in names:
