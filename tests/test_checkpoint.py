@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -313,3 +316,43 @@ def test_side_file_with_a_misshapen_or_missing_tensor_is_rejected(saved_checkpoi
     save_file({n: t for n, t in tensors.items() if n != tensor_name(0, VALUE_BUFFER)}, broken / SIDECAR_PATH)
     with pytest.raises(ValueError, match=r"lacks the IntactKV tensor `intact_value` of layer 0(.|\n)*Re-export"):
         load(broken)
+
+
+_FROM_HUB_CACHE = r"""
+import json, sys
+import torch
+import intactkv_modifier
+from intactkv_modifier import prefix_kv_of
+from intactkv_modifier.serving.vllm_plugin import _config_block
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+kv = prefix_kv_of(model)
+torch.save({"keys": kv.keys, "values": kv.values}, sys.argv[2])
+print("RESULT " + json.dumps({"block": _config_block(sys.argv[1], None).prefix_token_ids}))
+"""
+
+
+def _as_hub_cache(checkpoint: Path, cache: Path, repo_id: str) -> None:
+    """The layout huggingface_hub gives a downloaded repository: refs/main names a snapshot holding every file."""
+    revision = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+
+
+def test_hub_checkpoint_gets_its_side_file_from_the_snapshot(plain_checkpoint, tmp_path):
+    """A hub id is resolved through the hub cache (offline here), side file included, by transformers and the plugin."""
+    model, out = plain_checkpoint
+    _as_hub_cache(out, tmp_path / "hub", "intactkv/tiny-llama")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    tensors = tmp_path / "prefix.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", _FROM_HUB_CACHE, "intactkv/tiny-llama", str(tensors)],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    assert json.loads(result.stdout.split("RESULT ", 1)[1]) == {"block": [BOS]}
+    loaded, saved = torch.load(tensors), prefix_kv_of(model)
+    for a, b in zip(saved.keys + saved.values, loaded["keys"] + loaded["values"]):
+        assert torch.equal(a, b)
