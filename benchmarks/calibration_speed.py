@@ -75,7 +75,9 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     runs = []
     for batch_size in args.batch_sizes:
-        settings = CalibrationSettings(num_samples=args.samples, epochs=args.epochs, batch_size=batch_size, seed=args.seed)
+        settings = CalibrationSettings(
+            num_samples=args.samples, epochs=args.epochs, batch_size=batch_size, seed=args.seed
+        )
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -85,7 +85,10 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, args: argparse.N
     from lm_eval.tasks import TaskManager
 
     # add_bos_token: every request starts with [BOS], the prefix IntactKV replaces
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size * 4, add_bos_token=True, max_length=args.length)
+    lm = HFLM(
+        pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=4 * args.batch_size,
+        max_length=args.length,
+    )
     task = args.mc_task_name
     output = simple_evaluate(
         model=lm, tasks=[task], task_manager=TaskManager(include_path=str(args.mc_task_dir)), random_seed=args.seed,
@@ -95,7 +98,9 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, args: argparse.N
     return {metric: scores[f"{metric},none"] for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
 
 
-def run_recipe(args: argparse.Namespace, name: str, calib: torch.Tensor, evaluation: torch.Tensor, prefix: list[int]) -> dict:
+def run_recipe(
+    args: argparse.Namespace, name: str, calib: torch.Tensor, evaluation: torch.Tensor, prefix: list[int]
+) -> dict:
     model = load_model(args.model, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     calibration = (
@@ -225,7 +230,7 @@ def main() -> None:
     evaluation = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.eval_windows)
     if args.mc_questions:
         if find_spec("lm_eval") is None:
-            parser.error('the multiple-choice task needs lm-eval: pip install -e ".[lm-eval]", or pass --mc-questions 0')
+            parser.error('the multiple-choice task needs lm-eval: pip install -e ".[lm-eval]"; or --mc-questions 0')
         args.mc_task_dir = Path(tempfile.mkdtemp(prefix="intactkv-lm-eval-"))  # rebuilt from --seed every run
         questions = continuation_questions(load_corpus_text("eval"), args.mc_questions, seed=args.seed)
         args.mc_task_name = write_lm_eval_task(args.mc_task_dir, questions)
@@ -242,7 +247,9 @@ def main() -> None:
         "window_length": args.length,
         "seed": args.seed,
         "calibration": {"epochs": args.cal_epochs, "lr": args.cal_lr, "batch_size": args.cal_batch_size},
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU",
+        "device_name": (
+            torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
+        ),
         "machine": platform.platform(),
         "ppl_fp": fp,
         "mc_task": getattr(args, "mc_task_name", None),

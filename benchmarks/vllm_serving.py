@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -128,7 +127,8 @@ def main() -> None:
     tokenizer.save_pretrained(checkpoint)
     del model
 
-    windows = token_windows(tokenizer, load_corpus_text("eval"), bos, args.length, args.prompts + args.throughput_prompts)
+    count = args.prompts + args.throughput_prompts
+    windows = token_windows(tokenizer, load_corpus_text("eval"), bos, args.length, count)
     with_bos = windows[: args.prompts].tolist()
     without_bos = [row[1:] for row in with_bos[:4]]  # served exactly like plain vLLM, with and without the plugin
     prompts = with_bos + without_bos
@@ -179,7 +179,8 @@ def main() -> None:
     table = (
         f"vLLM serving of `{Path(args.model).name}` quantized with `{result['recipe']}` (GPTQ W4A16 g128 + IntactKV), "
         f"{args.dtype}, {result['device_name']}, torch {result['torch']}. {n} held-out prompts of {args.length} tokens "
-        f"starting with [BOS] and 4 without; max |Δ logprob| over the reference's top-{k} next tokens. In transformers, "
+        f"starting with [BOS] and 4 without; max |Δ logprob| over the reference's top-{k} next tokens. "
+        "In transformers, "
         f"IntactKV on vs off moves them by up to {result['transformers_intactkv_vs_plain']:.4f}.\n\n"
         "| vLLM | vs transformers + IntactKV ([BOS] prompts) | vs transformers plain ([BOS] prompts) "
         "| vs transformers plain (no [BOS]) | decode tokens/s |\n|---|---|---|---|---|\n"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import ARCHITECTURES, save_tiny_model
 
 

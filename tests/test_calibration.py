@@ -44,7 +44,8 @@ def test_calibration_lowers_heldout_loss_and_changes_no_weight(tiny_model_dirs, 
     heldout = _targets(model_dir, seed=99, count=6)
     weights_before = _weights(quantized)
     before = prefix_mse(quantized, heldout)
-    stored_keys = [k.clone() for k in prefix_kv_of(quantized).keys]  # buffers of an offloaded model are updated in place
+    # buffers of an offloaded model are updated in place
+    stored_keys = [k.clone() for k in prefix_kv_of(quantized).keys]
 
     calibrated = calibrate_prefix_kv(quantized, _targets(model_dir, seed=1, count=16), FAST)
     attach_intact_kv(quantized, [BOS], calibrated)

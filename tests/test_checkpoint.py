@@ -21,8 +21,15 @@ from tiny_models import BOS, load, load_tokenizer, text_samples
 from transformers import AutoModelForCausalLM
 
 import intactkv_modifier.sidecar
-from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, capture_prefix_kv, config_of
-from intactkv_modifier import intact_kv_disabled, prefix_kv_of
+from intactkv_modifier import (
+    CONFIG_KEY,
+    IntactKVModifier,
+    attach_intact_kv,
+    capture_prefix_kv,
+    config_of,
+    intact_kv_disabled,
+    prefix_kv_of,
+)
 from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import prefix_tensors_in_weight_files
 from intactkv_modifier.sidecar import SIDECAR_PATH, tensor_name
@@ -299,7 +306,8 @@ def test_checkpoint_without_its_side_file_is_rejected(saved_checkpoint, tmp_path
     _, out = saved_checkpoint
     stripped = _copy_with_config(out, tmp_path / "stripped", lambda c: None)
     shutil.rmtree(stripped / "intactkv")
-    with pytest.raises(ValueError, match=r"neither intactkv/prefix_kv.safetensors nor the weight files(.|\n)*Re-export"):
+    missing = r"neither intactkv/prefix_kv.safetensors nor the weight files(.|\n)*Re-export"
+    with pytest.raises(ValueError, match=missing):
         load(stripped)
 
 

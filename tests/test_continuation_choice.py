@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,4 +47,4 @@ def test_task_files_are_what_lm_eval_reads(tmp_path):
     config = json.loads((tmp_path / f"{TASK_NAME}.yaml").read_text())
     assert config["task"] == TASK_NAME and config["output_type"] == "multiple_choice"
     data = config["dataset_kwargs"]["data_files"]["test"]
-    assert [json.loads(line) for line in open(data)] == questions
+    assert [json.loads(line) for line in Path(data).read_text().splitlines()] == questions

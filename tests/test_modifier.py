@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from llmcompressor import oneshot
-from llmcompressor.recipe import Recipe
 from llmcompressor.modifiers.quantization import GPTQModifier
 from llmcompressor.modifiers.transform import SpinQuantModifier
+from llmcompressor.recipe import Recipe
 from pydantic import ValidationError
 from tiny_models import BOS, calibration_dataset, load, load_tokenizer
 
-from intactkv_modifier.calibration import CalibrationSettings
 from intactkv_modifier import IntactKVModifier, PrefixKV, capture_prefix_kv, intact_kv_disabled, prefix_kv_of
+from intactkv_modifier.calibration import CalibrationSettings
 from intactkv_modifier.capture import model_kv_for_prefix
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

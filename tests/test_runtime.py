@@ -137,7 +137,7 @@ def test_rows_without_the_prefix_run_unchanged_with_one_warning(tiny_model_dirs)
 
 
 def test_prefix_off_position_zero_is_not_spliced(tiny_model_dirs):
-    """Left padding without position ids puts the prefix at later positions, where the stored keys' RoPE would be wrong."""
+    """Left padding without position ids puts the prefix at later positions, where the stored RoPE would be wrong."""
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))

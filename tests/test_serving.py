@@ -265,7 +265,7 @@ def test_weight_files_outside_the_index_are_not_vllms(saved, tmp_path):
     weights = load_file(out / "model.safetensors")
     save_file(weights, copy / "model-00001-of-00001.safetensors")
     save_file(prefix_tensors(kv, module_path="model."), copy / "stray.safetensors")
-    index = {"weight_map": {n: "model-00001-of-00001.safetensors" for n in weights}}
+    index = {"weight_map": dict.fromkeys(weights, "model-00001-of-00001.safetensors")}
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     assert prefix_tensors_in_weight_files(copy) == []
     with pytest.raises(ValueError, match="neither"):

@@ -149,6 +149,7 @@ def train(args: argparse.Namespace) -> None:
                                   fused=device == "cuda")
     budget = args.minutes * 60
     started, step, log, best = time.time(), 0, [], math.inf
+    loss = torch.tensor(math.nan)  # logged with the first evaluation, after step 1
     args.out.mkdir(parents=True, exist_ok=True)
     while True:
         elapsed = time.time() - started

@@ -41,11 +41,11 @@ __all__ = ["CONFIG_KEY", "QUANTIZATION_AVAILABLE", "IntactKVConfig"]
 if QUANTIZATION_AVAILABLE:
     from llmcompressor.modifiers.factory import ModifierFactory
 
-    from intactkv_modifier.capture import PrefixKV, capture_prefix_kv
+    from intactkv_modifier.capture import PrefixKV, capture_prefix_kv  # noqa: F401 (exported through __all__)
     from intactkv_modifier.loading import install_loading_hook
     from intactkv_modifier.modifier import IntactKVModifier
-    from intactkv_modifier.runtime import intact_kv_disabled
-    from intactkv_modifier.storage import attach_intact_kv, config_of, prefix_kv_of
+    from intactkv_modifier.runtime import intact_kv_disabled  # noqa: F401
+    from intactkv_modifier.storage import attach_intact_kv, config_of, prefix_kv_of  # noqa: F401
 
     __all__ += list(_NEEDS_QUANTIZE_EXTRA)
     ModifierFactory.register("IntactKVModifier", IntactKVModifier)

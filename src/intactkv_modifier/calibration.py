@@ -140,7 +140,8 @@ def calibrate_prefix_kv(
                 optimizer.step()
                 total += loss.item() * len(batch)
                 progress.set_postfix(loss=f"{loss.item():.4g}")
-            logger.info(f"IntactKV calibration epoch {epoch + 1}/{settings.epochs}: mean loss {total / len(targets):.6g}")
+            mean = total / len(targets)
+            logger.info(f"IntactKV calibration epoch {epoch + 1}/{settings.epochs}: mean loss {mean:.6g}")
     return PrefixKV(keys=[k.detach().to(dtype) for k in keys], values=[v.detach().to(dtype) for v in values])
 
 

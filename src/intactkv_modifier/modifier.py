@@ -158,7 +158,8 @@ class IntactKVModifier(Modifier):
         logger.info(f"IntactKV: captured full-precision prefix KV at {moment}")
         if self.kv_cache_bit_budget is not None:
             # the weights are not rounded yet: the norms are the full-precision projections'
-            self._kv_cache = allocate_bits(model, self.kv_cache_bit_budget, base=self.kv_cache, norm=self.kv_cache_norm).settings
+            allocation = allocate_bits(model, self.kv_cache_bit_budget, base=self.kv_cache, norm=self.kv_cache_norm)
+            self._kv_cache = allocation.settings
         if self.calibration is not None:
             self._targets = record_targets(
                 model, self._calibration_data, self._prefix_ids, self.calibration.num_samples

@@ -33,7 +33,9 @@ _BUCKETS: dict[Split, range] = {"eval": range(0, 20), "calibration": range(20, 4
 
 _HEADWORD = re.compile(r"^([^\s\\][^\\\n]*?)\s*\\", re.MULTILINE)
 _PRONUNCIATION = re.compile(r"\\[^\\\n]*\\")
-_SOURCE_TAG = re.compile(r"\[(?:1913 Webster|PJC|WordNet 1\.5|Century Dict\.|Webster 1913 Suppl\.|RHUD|MW10|AS|Chambers 1881)[^\]]*\]")
+_SOURCE_TAG = re.compile(
+    r"\[(?:1913 Webster|PJC|WordNet 1\.5|Century Dict\.|Webster 1913 Suppl\.|RHUD|MW10|AS|Chambers 1881)[^\]]*\]"
+)
 _BRACES = re.compile(r"[{}]")
 _PARENTHESISED_PRONUNCIATION = re.compile(r"\((?=[^)\n]*[*\"])[^)\n]*\)")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r" +([,.;:])")

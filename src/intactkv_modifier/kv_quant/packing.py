@@ -12,7 +12,7 @@ word and stays uint8; the 3-byte unit of 3-bit codes goes through int32.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -63,7 +63,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words >> code_shifts) & ((1 << bits) - 1)).to(torch.uint8).flatten(-2)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _shifts(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Bit offsets of the codes and of the bytes within one packing unit's word.
 
