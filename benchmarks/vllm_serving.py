@@ -47,7 +47,7 @@ from vllm.inputs import TokensPrompt
 
 spec = json.loads(sys.argv[1])
 llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
-          gpu_memory_utilization=0.5, skip_tokenizer_init=True)
+          gpu_memory_utilization=0.5, skip_tokenizer_init=True, tensor_parallel_size=spec["tensor_parallel_size"])
 prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
 params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=spec["top_k"], detokenize=False)
 outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -106,6 +106,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    parser.add_argument(
+        "--first", default="plugin", choices=["plugin", "no plugin"], help="which vLLM process runs first"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "vllm-serving")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
     args = parser.parse_args()
@@ -144,15 +148,17 @@ def main() -> None:
     spec = {
         "model": str(checkpoint), "dtype": args.dtype, "max_model_len": args.length + args.new_tokens,
         "prompts": prompts, "top_k": max(20, args.top_k), "throughput_prompts": throughput_prompts,
-        "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "tensor_parallel_size": args.tensor_parallel_size,
     }
-    runs = {"plugin": vllm_run(spec, with_plugin=True), "no plugin": vllm_run(spec, with_plugin=False)}
+    order = ["plugin", "no plugin"] if args.first == "plugin" else ["no plugin", "plugin"]
+    runs = {name: vllm_run(spec, with_plugin=name == "plugin") for name in order}
 
     n = args.prompts
     k = args.top_k
     result = {
         "model": args.model, "recipe": Path(args.recipe).name, "dtype": args.dtype, "prompts": n,
         "prompt_tokens": args.length, "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "tensor_parallel_size": args.tensor_parallel_size, "run_order": order,
         "transformers_intactkv_vs_plain": max(
             float((a - b)[a.topk(k).indices].abs().max()) for a, b in zip(intact[:n], plain[:n])
         ),
@@ -174,11 +180,14 @@ def main() -> None:
     tps = result["throughput"]["tokens_per_s"]
     result["throughput"]["ratio_plugin_over_no_plugin"] = tps["plugin"] / tps["no plugin"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vllm_serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "vllm_serving" if args.tensor_parallel_size == 1 else f"vllm_serving_tp{args.tensor_parallel_size}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     p = result["parity"]
     table = (
         f"vLLM serving of `{Path(args.model).name}` quantized with `{result['recipe']}` (GPTQ W4A16 g128 + IntactKV), "
-        f"{args.dtype}, {result['device_name']}, torch {result['torch']}. {n} held-out prompts of {args.length} tokens "
+        f"{args.dtype}, {result['device_name']} x tensor parallel {args.tensor_parallel_size}, "
+        f"torch {result['torch']}. "
+        f"{n} held-out prompts of {args.length} tokens "
         f"starting with [BOS] and 4 without; max |Δ logprob| over the reference's top-{k} next tokens. "
         "In transformers, "
         f"IntactKV on vs off moves them by up to {result['transformers_intactkv_vs_plain']:.4f}.\n\n"
@@ -192,9 +201,9 @@ def main() -> None:
         )
         + f"\nThroughput ratio, plugin / no plugin: {result['throughput']['ratio_plugin_over_no_plugin']:.3f} "
         f"({len(throughput_prompts)} prompts of {args.length // 2} tokens, {args.new_tokens} new tokens each, "
-        f"best of {args.repeats}).\n"
+        f"best of {args.repeats}; {' first, then '.join(order)}).\n"
     )
-    (args.out / "vllm_serving.md").write_text(table)
+    (args.out / f"{stem}.md").write_text(table)
     print(table)
 
 
