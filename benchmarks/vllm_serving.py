@@ -47,7 +47,8 @@ from vllm.inputs import TokensPrompt
 
 spec = json.loads(sys.argv[1])
 llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
-          gpu_memory_utilization=0.5, skip_tokenizer_init=True, tensor_parallel_size=spec["tensor_parallel_size"])
+          gpu_memory_utilization=0.5, skip_tokenizer_init=True, tensor_parallel_size=spec["tensor_parallel_size"],
+          enforce_eager=spec["enforce_eager"], disable_custom_all_reduce=spec["enforce_eager"])
 prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
 params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=spec["top_k"], detokenize=False)
 outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -63,18 +64,21 @@ print("RESULT " + json.dumps({"logprobs": logprobs, "tokens_per_s": throughput})
 """
 
 
-def vllm_run(spec: dict, with_plugin: bool) -> dict:
-    env = dict(os.environ)
+def vllm_run(spec: dict, with_plugin: bool, log_path: Path) -> dict:
+    """One vLLM process; its output goes to ``log_path`` as it runs, so a hang or crash can be read afterwards."""
+    env = dict(os.environ)  # keeps the machine's NCCL settings
     if not with_plugin:
         env["VLLM_PLUGINS"] = ""  # vLLM's allow-list of general plugins: none
-    result = subprocess.run(
-        [sys.executable, "-c", _VLLM_WORKER, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=900
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"vLLM worker failed:\n{result.stderr[-6000:]}")
-    log = result.stdout + result.stderr  # vLLM's engine process logs to either
-    line = next(row for row in result.stdout.splitlines() if row.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    with log_path.open("w") as log_file:
+        returncode = subprocess.run(
+            [sys.executable, "-c", _VLLM_WORKER, json.dumps(spec)], stdout=log_file, stderr=subprocess.STDOUT,
+            env=env, timeout=900,
+        ).returncode
+    log = log_path.read_text(errors="replace")  # vLLM's engine process logs here too
+    if returncode != 0:
+        raise RuntimeError(f"vLLM worker failed (full log: {log_path}):\n{log[-6000:]}")
+    line = next(row for row in log.splitlines() if row.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
     out["connector_log"] = [row for row in log.splitlines() if "IntactKV" in row][-3:]
     return out
 
@@ -107,6 +111,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs and no custom all-reduce (quicker start-up)"
+    )
     parser.add_argument(
         "--first", default="plugin", choices=["plugin", "no plugin"], help="which vLLM process runs first"
     )
@@ -149,16 +156,20 @@ def main() -> None:
         "model": str(checkpoint), "dtype": args.dtype, "max_model_len": args.length + args.new_tokens,
         "prompts": prompts, "top_k": max(20, args.top_k), "throughput_prompts": throughput_prompts,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "tensor_parallel_size": args.tensor_parallel_size,
+        "enforce_eager": args.enforce_eager,
     }
     order = ["plugin", "no plugin"] if args.first == "plugin" else ["no plugin", "plugin"]
-    runs = {name: vllm_run(spec, with_plugin=name == "plugin") for name in order}
+    runs = {
+        name: vllm_run(spec, with_plugin=name == "plugin", log_path=args.work / f"vllm_{name.replace(' ', '_')}.log")
+        for name in order
+    }
 
     n = args.prompts
     k = args.top_k
     result = {
         "model": args.model, "recipe": Path(args.recipe).name, "dtype": args.dtype, "prompts": n,
         "prompt_tokens": args.length, "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "tensor_parallel_size": args.tensor_parallel_size, "run_order": order,
+        "tensor_parallel_size": args.tensor_parallel_size, "run_order": order, "enforce_eager": args.enforce_eager,
         "transformers_intactkv_vs_plain": max(
             float((a - b)[a.topk(k).indices].abs().max()) for a, b in zip(intact[:n], plain[:n])
         ),
