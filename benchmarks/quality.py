@@ -227,12 +227,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prefix = [tokenizer.bos_token_id]
     calib = token_windows(tokenizer, load_corpus_text("calibration"), prefix, args.length, args.calibration_windows)
-    evaluation = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.eval_windows)
+    held_out_text = load_corpus_text("eval")
+    evaluation = token_windows(tokenizer, held_out_text, prefix, args.length, args.eval_windows)
     if args.mc_questions:
         if find_spec("lm_eval") is None:
             parser.error('the multiple-choice task needs lm-eval: pip install -e ".[lm-eval]"; or --mc-questions 0')
         args.mc_task_dir = Path(tempfile.mkdtemp(prefix="intactkv-lm-eval-"))  # rebuilt from --seed every run
-        questions = continuation_questions(load_corpus_text("eval"), args.mc_questions, seed=args.seed)
+        questions = continuation_questions(held_out_text, args.mc_questions, seed=args.seed)
         args.mc_task_name = write_lm_eval_task(args.mc_task_dir, questions)
 
     fp_model = load_model(args.model, args.dtype, args.device)

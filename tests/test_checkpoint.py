@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_modifier import gptq, quantize
-from tiny_models import BOS, load, load_tokenizer, text_samples
+from tiny_models import BOS, load, load_tokenizer, run_python, text_samples
 from transformers import AutoModelForCausalLM
 
 import intactkv_modifier.sidecar
@@ -356,11 +354,7 @@ def test_hub_checkpoint_gets_its_side_file_from_the_snapshot(plain_checkpoint, t
     _as_hub_cache(out, tmp_path / "hub", "intactkv/tiny-llama")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     tensors = tmp_path / "prefix.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", _FROM_HUB_CACHE, "intactkv/tiny-llama", str(tensors)],
-        capture_output=True, text=True, env=env, check=True,
-    )
-    assert json.loads(result.stdout.split("RESULT ", 1)[1]) == {"block": [BOS]}
+    assert run_python(_FROM_HUB_CACHE, "intactkv/tiny-llama", str(tensors), env=env) == {"block": [BOS]}
     loaded, saved = torch.load(tensors), prefix_kv_of(model)
     for a, b in zip(saved.keys + saved.values, loaded["keys"] + loaded["values"]):
         assert torch.equal(a, b)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import BOS, load
+from tiny_models import BOS, load, run_python
 
 from intactkv_modifier import IntactKVConfig, attach_intact_kv, capture_prefix_kv, config_of, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
@@ -368,10 +368,7 @@ def test_plugin_reads_checkpoints_without_llmcompressor(saved, tmp_path):
     """vLLM pins another compressed-tensors than llm-compressor, so its environment has no llm-compressor."""
     config, kv, out = saved
     tensors = tmp_path / "prefix.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", _SERVING_ONLY, str(out), str(tensors)], capture_output=True, text=True, check=True
-    )
-    report = json.loads(result.stdout.split("RESULT ", 1)[1])
+    report = run_python(_SERVING_ONLY, str(out), str(tensors))
     assert not report["available"] and not report["llmcompressor_loaded"]
     assert IntactKVConfig.model_validate(report["block"]) == config and report["inject"]
     assert "pip install 'intactkv-modifier[quantize]'" in report["modifier_error"]
@@ -405,13 +402,8 @@ def _vllm_logprobs(model_dir: Path, prompts: list[list[int]], with_plugin: bool)
     env = dict(os.environ)
     if not with_plugin:
         env["VLLM_PLUGINS"] = ""  # vLLM's allow-list: load no general plugin
-    result = subprocess.run(
-        [sys.executable, "-c", _VLLM_RUN, str(model_dir), json.dumps(prompts)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(row for row in result.stdout.splitlines() if row.startswith("RESULT "))
-    return [[{int(t): lp for t, lp in out.items()} for out in run] for run in json.loads(line[len("RESULT "):])]
+    runs = run_python(_VLLM_RUN, str(model_dir), json.dumps(prompts), env=env, timeout=900)
+    return [[{int(t): lp for t, lp in out.items()} for out in run] for run in runs]
 
 
 @pytest.mark.gpu

@@ -6,7 +6,11 @@ and logits), never quality. Sizes are multiples of 128 so W4A16's group size fit
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -113,3 +117,16 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> Any:
+    """Run ``code`` in a fresh interpreter (import-time and environment effects) and return the JSON it printed.
+
+    The code reports by printing one line ``RESULT <json>``; anything else on stdout or stderr is ignored.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(row for row in result.stdout.splitlines() if row.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
