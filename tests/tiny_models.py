@@ -17,6 +17,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -29,7 +30,10 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD, BOS, EOS = 0, 1, 2
 VOCAB_SIZE = 128
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+# Gemma 3 as the real gemma-3-270m is built: one KV head, QK-norm, tied embeddings, and a
+# sliding-window layer before a full-attention one (window short enough for tests to cross it).
+GEMMA3_SLIDING_WINDOW = 16
 
 
 def build_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
@@ -70,6 +74,14 @@ def build_config(architecture: str):
         return Qwen2Config(bos_token_id=None, **common)
     if architecture == "qwen3":
         return Qwen3Config(bos_token_id=BOS, **common)
+    if architecture == "gemma3":
+        return Gemma3TextConfig(
+            bos_token_id=BOS,
+            **{**common, "num_key_value_heads": 1, "tie_word_embeddings": True},
+            query_pre_attn_scalar=32,
+            sliding_window=GEMMA3_SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+        )
     raise ValueError(architecture)
 
 
