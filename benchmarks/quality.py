@@ -41,7 +41,7 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from intactkv_modifier import IntactKVModifier, attach_intact_kv, intact_kv_disabled
-from intactkv_modifier.calibration import CalibrationSettings
+from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_kv, record_targets
 from intactkv_modifier.eval.continuation_choice import continuation_questions, write_lm_eval_task
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, token_windows
@@ -56,13 +56,21 @@ def gptq(bits: int) -> GPTQModifier:
     return GPTQModifier(config_groups=weight_only(bits), ignore=["lm_head"])
 
 
+def rtn(bits: int) -> QuantizationModifier:
+    return QuantizationModifier(config_groups=weight_only(bits), ignore=["lm_head"])
+
+
+# fake-quantized activations pass no gradient back to the prefix K/V: these rows have no +Cal column
+NO_CALIBRATION = {"GPTQ W8A8 int8"}
+
 RECIPES: dict[str, Callable[[], list[Modifier]]] = {
+    "RTN W4 g128": lambda: [rtn(4)],
+    "RTN W3 g128": lambda: [rtn(3)],
     "GPTQ W4 g128": lambda: [gptq(4)],
     "GPTQ W3 g128": lambda: [gptq(3)],
-    "AWQ W3 g128": lambda: [
-        AWQModifier(offload_device=None),
-        QuantizationModifier(config_groups=weight_only(3), ignore=["lm_head"]),
-    ],
+    "AWQ W3 g128": lambda: [AWQModifier(offload_device=None), rtn(3)],
+    # int8 weights per channel, int8 activations per token (dynamic): the pivot token's outliers meet 8 bits
+    "GPTQ W8A8 int8": lambda: [GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])],
     # random-hadamard: a deterministic Hadamard needs a power-of-two hidden size (pivot-llama has 384)
     "SpinQuant R1R2 + GPTQ W3 g128": lambda: [
         SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard"),
@@ -108,7 +116,7 @@ def run_recipe(
             num_samples=calib.shape[0], epochs=args.cal_epochs, lr=args.cal_lr, batch_size=args.cal_batch_size,
             seed=args.seed,
         )
-        if args.cal_epochs
+        if args.cal_epochs and name not in NO_CALIBRATION
         else None
     )
     intactkv = IntactKVModifier(prefix_token_ids=prefix, calibration=calibration)
@@ -133,6 +141,9 @@ def run_recipe(
         row["ppl_intactkv_cal"] = perplexity(model, evaluation, args.batch_size, f"{name}: +IntactKV+Cal")
         row["mc_intactkv_cal"] = multiple_choice_accuracy(model, tokenizer, args)
         attach_intact_kv(model, prefix, intactkv.captured_prefix_kv)  # back to the uncalibrated capture
+        if args.cal_reference:
+            row.update(reference_calibration(args, model, calib, evaluation, prefix, name))
+            attach_intact_kv(model, prefix, intactkv.captured_prefix_kv)
     with intact_kv_disabled(model):
         row["ppl_quantized"] = perplexity(model, evaluation, args.batch_size, f"{name}: quantized")
         row["mc_quantized"] = multiple_choice_accuracy(model, tokenizer, args)
@@ -141,28 +152,61 @@ def run_recipe(
     return row
 
 
+def reference_calibration(
+    args: argparse.Namespace, model: torch.nn.Module, calib: torch.Tensor, evaluation: torch.Tensor,
+    prefix: list[int], name: str,
+) -> dict:
+    """+Cal with the reference implementation's loss and schedule, from the same captured prefix KV.
+
+    Its every-layer targets come from a fresh FP model: for recipes without a rotation (RTN, GPTQ,
+    AWQ, whose smoothing leaves every layer's output unchanged) that is the deployed basis.
+    """
+    # the reference's 16 samples per optimizer step, as micro-batches of --cal-batch-size: the same gradient
+    settings = CalibrationSettings.reference(
+        num_samples=calib.shape[0], epochs=args.cal_epochs, seed=args.seed, batch_size=args.cal_batch_size,
+        gradient_accumulation=max(1, 16 // args.cal_batch_size),
+    )
+    fp_model = load_model(args.model, args.dtype, args.device)
+    targets = record_targets(fp_model, [{"input_ids": calib}], prefix, calib.shape[0], settings.loss)
+    del fp_model
+    started = time.perf_counter()
+    attach_intact_kv(model, prefix, calibrate_prefix_kv(model, targets, settings))
+    seconds = time.perf_counter() - started
+    return {
+        "calibration_reference_seconds": round(seconds, 1),
+        "ppl_intactkv_cal_reference": perplexity(model, evaluation, args.batch_size, f"{name}: +Cal (reference)"),
+    }
+
+
 def gap_closed(fp: float, quantized: float, improved: float) -> float | None:
     return None if quantized <= fp else (quantized - improved) / (quantized - fp)
 
 
 def markdown(result: dict) -> str:
     fp = result["ppl_fp"]
+    with_reference = any("ppl_intactkv_cal_reference" in row for row in result["rows"])
     lines = [
         f"Model `{result['model']}`, {result['eval_windows']} held-out windows of {result['window_length']} tokens, "
         f"{result['calibration_windows']} calibration windows, seed {result['seed']}, {result['device_name']}.",
         "",
-        "| recipe | quantized | +IntactKV | +IntactKV+Cal | FP→quantized gap closed (IntactKV / +Cal) |",
-        "|---|---|---|---|---|",
-        f"| FP ({result['dtype']}) | {fp:.3f} | | | |",
+        "| recipe | quantized | +IntactKV | +IntactKV+Cal | FP→quantized gap closed (IntactKV / +Cal) |"
+        + (" +Cal (reference loss and schedule) | gap closed |" if with_reference else ""),
+        "|---|---|---|---|---|" + ("---|---|" if with_reference else ""),
+        f"| FP ({result['dtype']}) | {fp:.3f} | | | |" + (" | |" if with_reference else ""),
     ]
     for row in result["rows"]:
         cal = row.get("ppl_intactkv_cal")
         closed = gap_closed(fp, row["ppl_quantized"], row["ppl_intactkv"])
         closed_cal = gap_closed(fp, row["ppl_quantized"], cal) if cal is not None else None
         fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+        reference = row.get("ppl_intactkv_cal_reference")
+        reference_cells = (
+            "" if not with_reference else " | |" if reference is None
+            else f" {reference:.3f} | {fmt(gap_closed(fp, row['ppl_quantized'], reference))} |"
+        )
         lines.append(
             f"| {row['recipe']} | {row['ppl_quantized']:.3f} | {row['ppl_intactkv']:.3f} | "
-            f"{'' if cal is None else f'{cal:.3f}'} | {fmt(closed)} / {fmt(closed_cal)} |"
+            f"{'' if cal is None else f'{cal:.3f}'} | {fmt(closed)} / {fmt(closed_cal)} |" + reference_cells
         )
     if result.get("mc_fp"):
         lines += multiple_choice_table(result)
@@ -208,6 +252,16 @@ def main() -> None:
     parser.add_argument("--cal-epochs", type=int, default=20, help="0 skips the +Cal rows")
     parser.add_argument("--cal-lr", type=float, default=2e-4)
     parser.add_argument("--cal-batch-size", type=int, default=1, help="samples per optimizer step (paper: 1)")
+    parser.add_argument(
+        "--cal-reference", action="store_true",
+        help="also fit the prefix with the reference implementation's loss and schedule (extra column)",
+    )
+    parser.add_argument(
+        "--windows", type=Path, default=None,
+        help="read the calibration and evaluation windows from this file (written by --save-windows) instead of "
+        "cutting them from the corpus: the same tokens on a machine without the corpus",
+    )
+    parser.add_argument("--save-windows", type=Path, default=None, help="write the windows to this file and stop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,10 +280,19 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prefix = [tokenizer.bos_token_id]
-    calib = token_windows(tokenizer, load_corpus_text("calibration"), prefix, args.length, args.calibration_windows)
-    held_out_text = load_corpus_text("eval")
-    evaluation = token_windows(tokenizer, held_out_text, prefix, args.length, args.eval_windows)
+    if args.windows is not None:
+        saved = torch.load(args.windows)
+        calib, evaluation = saved["calibration"][: args.calibration_windows], saved["eval"][: args.eval_windows]
+        if calib.shape[0] < args.calibration_windows or evaluation.shape[0] < args.eval_windows:
+            parser.error(f"{args.windows} holds {saved['calibration'].shape[0]} / {saved['eval'].shape[0]} windows")
+    else:
+        calib = token_windows(tokenizer, load_corpus_text("calibration"), prefix, args.length, args.calibration_windows)
+        evaluation = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.eval_windows)
+    if args.save_windows is not None:
+        torch.save({"calibration": calib, "eval": evaluation}, args.save_windows)
+        return
     if args.mc_questions:
+        held_out_text = load_corpus_text("eval")
         if find_spec("lm_eval") is None:
             parser.error('the multiple-choice task needs lm-eval: pip install -e ".[lm-eval]"; or --mc-questions 0')
         args.mc_task_dir = Path(tempfile.mkdtemp(prefix="intactkv-lm-eval-"))  # rebuilt from --seed every run
@@ -247,7 +310,10 @@ def main() -> None:
         "eval_windows": args.eval_windows,
         "window_length": args.length,
         "seed": args.seed,
-        "calibration": {"epochs": args.cal_epochs, "lr": args.cal_lr, "batch_size": args.cal_batch_size},
+        "calibration": {
+            "epochs": args.cal_epochs, "lr": args.cal_lr, "batch_size": args.cal_batch_size,
+            "reference_column": CalibrationSettings.reference().model_dump() if args.cal_reference else None,
+        },
         "device_name": (
             torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
         ),

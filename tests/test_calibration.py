@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from llmcompressor.modifiers.quantization import GPTQModifier
 from test_modifier import gptq, quantize
 from tiny_models import BOS, load, load_tokenizer, text_samples
 
-from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, prefix_kv_of
+from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, capture_prefix_kv, prefix_kv_of
 from intactkv_modifier.calibration import (
     CalibrationSettings,
     CalibrationTargets,
@@ -28,11 +29,11 @@ def quantized(tiny_model_dirs):
     return quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier()], samples=8)
 
 
-def _targets(model_dir, seed: int, count: int):
-    """FP final hidden states on ``count`` samples; seed 1 is the calibration set's, others are held out."""
+def _targets(model_dir, seed: int, count: int, loss: str = "final_hidden"):
+    """FP hidden states on ``count`` samples; seed 1 is the calibration set's, others are held out."""
     encoded = load_tokenizer(model_dir)(text_samples(count, 24, seed=seed), return_tensors="pt")
     rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(encoded["input_ids"], encoded["attention_mask"])]
-    return record_targets(load(model_dir), rows, [BOS], num_samples=count)
+    return record_targets(load(model_dir), rows, [BOS], num_samples=count, loss=loss)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -66,11 +67,13 @@ def test_calibration_is_deterministic(tiny_model_dirs, quantized):
         assert torch.equal(a, b)
 
 
-def test_modifier_calibrates_and_the_checkpoint_round_trips(tiny_model_dirs, tmp_path):
-    model = quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(calibration=FAST)], samples=16)
+@pytest.mark.parametrize("settings", [FAST, CalibrationSettings.reference(num_samples=16, epochs=5, lr=1e-2)])
+def test_modifier_calibrates_and_the_checkpoint_round_trips(tiny_model_dirs, tmp_path, settings):
+    model = quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(calibration=settings)], samples=16)
     model.save_pretrained(tmp_path, save_compressed=True)
     record = json.loads((tmp_path / "config.json").read_text())[CONFIG_KEY]["calibration"]
-    assert record["epochs"] == FAST.epochs and record["mse_after"] < record["mse_before"]
+    assert record["epochs"] == settings.epochs and record["mse_after"] < record["mse_before"]
+    assert record["loss"] == settings.loss and record["gradient_accumulation"] == settings.gradient_accumulation
     reloaded = load(tmp_path)
     for a, b in zip(prefix_kv_of(model).keys, prefix_kv_of(reloaded).keys):
         assert torch.equal(a, b)
@@ -93,12 +96,57 @@ def test_batches_hold_samples_of_one_length_each_once():
 def test_a_batch_loss_is_the_mean_of_its_samples_losses(tiny_model_dirs, quantized):
     targets = _targets(tiny_model_dirs["llama"], seed=1, count=16)
     same_length = next(batch for batch in _equal_length_batches(targets, list(range(16)), 16) if len(batch) > 1)
-    ids = [targets.input_ids[i] for i in same_length]
-    hidden = [targets.hidden_states[i] for i in same_length]
     with torch.no_grad():
-        batched = float(_batch_loss(quantized, ids, hidden, targets.prefix_length))
-        singles = [float(_batch_loss(quantized, [i], [h], targets.prefix_length)) for i, h in zip(ids, hidden)]
+        batched = float(_batch_loss(quantized, targets, same_length))
+        singles = [float(_batch_loss(quantized, targets, [i])) for i in same_length]
     assert batched == pytest.approx(sum(singles) / len(singles), rel=1e-5)
+
+
+def test_every_layer_targets_are_each_layers_output_and_zero_for_the_fp_model(tiny_model_dirs, quantized):
+    model_dir = tiny_model_dirs["llama"]
+    targets = _targets(model_dir, seed=1, count=4, loss="every_layer")
+    fp = load(model_dir)
+    layers = fp.config.num_hidden_layers
+    assert targets.hidden_states[0].shape == (layers, targets.input_ids[0].numel(), fp.config.hidden_size)
+    with torch.no_grad():
+        first_layer = fp.model(input_ids=targets.input_ids[0][None], output_hidden_states=True).hidden_states[1][0]
+        assert torch.equal(targets.hidden_states[0][0], first_layer)
+        attach_intact_kv(fp, [BOS], capture_prefix_kv(fp, [BOS]))
+        assert prefix_mse(fp, targets) < 1e-12  # float rounding of the spliced path, nothing more
+    assert prefix_mse(quantized, targets) > 1e-6
+
+
+def test_every_layer_calibration_lowers_heldout_loss(tiny_model_dirs, quantized):
+    heldout = _targets(tiny_model_dirs["llama"], seed=99, count=6, loss="every_layer")
+    before = prefix_mse(quantized, heldout)
+    original = prefix_kv_of(quantized)
+    settings = CalibrationSettings.reference(num_samples=16, epochs=10, lr=1e-2, gradient_accumulation=4)
+    calibrated = calibrate_prefix_kv(quantized, _targets(tiny_model_dirs["llama"], 1, 16, "every_layer"), settings)
+    attach_intact_kv(quantized, [BOS], calibrated)
+    try:
+        assert prefix_mse(quantized, heldout) < before
+    finally:
+        attach_intact_kv(quantized, [BOS], original)
+
+
+def test_accumulated_micro_batches_make_the_same_step_as_one_batch(tiny_model_dirs, quantized):
+    targets = _targets(tiny_model_dirs["llama"], seed=1, count=16)
+    pair = next(batch for batch in _equal_length_batches(targets, list(range(16)), 2) if len(batch) == 2)
+    two = CalibrationTargets([targets.input_ids[i] for i in pair], [targets.hidden_states[i] for i in pair], 1)
+    one_batch = calibrate_prefix_kv(quantized, two, FAST.model_copy(update={"epochs": 1, "batch_size": 2}))
+    accumulated = calibrate_prefix_kv(
+        quantized, two, FAST.model_copy(update={"epochs": 1, "gradient_accumulation": 2, "max_grad_norm": 0.3})
+    )
+    single_step = calibrate_prefix_kv(quantized, two, FAST.model_copy(update={"epochs": 1}))
+    for a, b, c in zip(one_batch.keys, accumulated.keys, single_step.keys):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(a, c, rtol=0, atol=1e-6) for a, c in zip(one_batch.keys, single_step.keys))
+
+
+def test_targets_recorded_for_another_loss_are_refused(tiny_model_dirs, quantized):
+    targets = _targets(tiny_model_dirs["llama"], seed=1, count=4)
+    with pytest.raises(ValueError, match="recorded for the 'final_hidden' loss"):
+        calibrate_prefix_kv(quantized, targets, CalibrationSettings.reference(num_samples=4))
 
 
 def test_batched_calibration_lowers_heldout_loss(tiny_model_dirs, quantized):
@@ -112,3 +160,9 @@ def test_batched_calibration_lowers_heldout_loss(tiny_model_dirs, quantized):
         assert prefix_mse(quantized, heldout) < before
     finally:
         attach_intact_kv(quantized, [BOS], original)
+
+
+def test_calibration_through_fake_quantized_activations_fails_clearly(tiny_model_dirs):
+    w8a8 = GPTQModifier(scheme="W8A8", targets="Linear", ignore=["lm_head"])
+    with pytest.raises(RuntimeError, match="no gradient through this quantized model"):
+        quantize(tiny_model_dirs["llama"], [w8a8, IntactKVModifier(calibration=FAST)], samples=16)

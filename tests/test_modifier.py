@@ -52,6 +52,7 @@ def assert_same_kv(actual: PrefixKV, expected: PrefixKV) -> None:
     [
         ("llama", IntactKVModifier()),
         ("qwen3", IntactKVModifier()),
+        ("gemma3", IntactKVModifier()),
         ("qwen2", IntactKVModifier(prefix_token_ids=[11, 12, 13])),
     ],
 )

@@ -162,7 +162,7 @@ class IntactKVModifier(Modifier):
             self._kv_cache = allocation.settings
         if self.calibration is not None:
             self._targets = record_targets(
-                model, self._calibration_data, self._prefix_ids, self.calibration.num_samples
+                model, self._calibration_data, self._prefix_ids, self.calibration.num_samples, self.calibration.loss
             )
 
     def _calibrate(self, model: PreTrainedModel) -> None:

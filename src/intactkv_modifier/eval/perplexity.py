@@ -14,6 +14,8 @@ from compressed_tensors.offload import get_execution_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from intactkv_modifier.architecture import text_config
+
 __all__ = ["perplexity", "token_windows"]
 
 
@@ -34,16 +36,33 @@ def token_windows(
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over every predicted token of every window."""
+def perplexity(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, desc: str = "perplexity",
+    chunk_tokens: int = 1024,
+) -> float:
+    """exp(mean next-token NLL) over every predicted token of every window.
+
+    The output head is applied ``chunk_tokens`` positions at a time: a 262k-token vocabulary (Gemma 3)
+    would otherwise need float32 logits of ``batch x length x vocab`` (4 GiB for 8 x 512), so memory
+    stays flat whatever the vocabulary.
+    """
+    head = model.get_output_embeddings()
+    softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
     device = get_execution_device(model.get_input_embeddings())
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
+        # through the model's own forward (a compressed checkpoint decompresses there on first use), which
+        # computes one position's logits; the final hidden states come back as the last hidden state
+        output = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = output.hidden_states[-1][:, :-1].flatten(0, 1)
+        labels = batch[:, 1:].flatten()
+        for chunk in range(0, labels.numel(), chunk_tokens):
+            logits = head(hidden[chunk : chunk + chunk_tokens]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            total_nll += float(
+                torch.nn.functional.cross_entropy(logits, labels[chunk : chunk + chunk_tokens], reduction="sum")
+            )
+        total_tokens += labels.numel()
     return math.exp(total_nll / total_tokens)
