@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from test_modifier import gptq, quantize
 from tiny_models import BOS, load, load_tokenizer, run_python, text_samples
 from transformers import AutoModelForCausalLM
 
-import intactkv_modifier.sidecar
+import intactkv_modifier.checkpoint.files
+import intactkv_modifier.checkpoint.folder
 from intactkv_modifier import (
     CONFIG_KEY,
     IntactKVModifier,
@@ -28,9 +30,9 @@ from intactkv_modifier import (
     intact_kv_disabled,
     prefix_kv_of,
 )
+from intactkv_modifier.checkpoint import SIDE_FILE_PATH, tensor_name
 from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import prefix_tensors_in_weight_files
-from intactkv_modifier.sidecar import SIDECAR_PATH, tensor_name
 
 LAYERS, BUFFER_SHAPE = 2, (2, 1, 32)  # the tiny Llama's layers and [kv heads, prefix length, head dim] for [BOS]
 
@@ -97,7 +99,8 @@ def test_checkpoint_holds_a_versioned_config_block(saved_checkpoint):
     _, out = saved_checkpoint
     config = json.loads((out / "config.json").read_text())
     block = config[CONFIG_KEY]
-    assert block["format_version"] == 1
+    assert block["format_version"] == 2
+    assert block["side_file_sha256"] == hashlib.sha256((out / SIDE_FILE_PATH).read_bytes()).hexdigest()
     assert block["prefix_token_ids"] == [BOS]
     assert (block["num_layers"], block["num_key_value_heads"], block["head_dim"]) == (LAYERS, 2, 32)
     assert block["dtype"] == "float32"
@@ -122,8 +125,8 @@ def test_plain_save_is_sharded_with_an_index(plain_checkpoint):
 def test_side_file_matches_the_block_and_the_model(checkpoint):
     model, out = checkpoint
     block = json.loads((out / "config.json").read_text())[CONFIG_KEY]
-    assert sorted(p.name for p in (out / SIDECAR_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]  # no temp file
-    stored = load_file(out / SIDECAR_PATH)
+    assert sorted(p.name for p in (out / SIDE_FILE_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]  # no temp file
+    stored = load_file(out / SIDE_FILE_PATH)
     expected_names = {tensor_name(layer, kind) for layer in range(LAYERS) for kind in (KEY_BUFFER, VALUE_BUFFER)}
     assert set(stored) == expected_names
     assert tensor_name(1, VALUE_BUFFER) == "layers.1.self_attn.intact_value"
@@ -187,7 +190,7 @@ def test_buffers_follow_the_model_dtype_and_save_in_the_stored_dtype(plain_check
         assert torch.equal(attention.intact_value, value.to(torch.bfloat16))
 
     loaded.save_pretrained(tmp_path / "again")
-    resaved = load_file(tmp_path / "again" / SIDECAR_PATH)[tensor_name(0, KEY_BUFFER)]
+    resaved = load_file(tmp_path / "again" / SIDE_FILE_PATH)[tensor_name(0, KEY_BUFFER)]
     assert resaved.dtype == torch.float32  # the block's dtype, which did not change
     assert torch.equal(resaved, stored.keys[0].to(torch.bfloat16).float())
 
@@ -209,9 +212,90 @@ def test_resaving_a_loaded_checkpoint_keeps_the_block_and_the_side_file(saved_ch
     _, out = saved_checkpoint
     load(out).save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())[CONFIG_KEY]["prefix_token_ids"] == [BOS]
-    original, resaved = load_file(out / SIDECAR_PATH), load_file(tmp_path / "again" / SIDECAR_PATH)
+    original, resaved = load_file(out / SIDE_FILE_PATH), load_file(tmp_path / "again" / SIDE_FILE_PATH)
     assert original.keys() == resaved.keys()
     assert all(torch.equal(original[name], resaved[name]) for name in original)
+
+
+def _other_model(tiny_model_dirs) -> torch.nn.Module:
+    """Same shape as plain_checkpoint's model, other weights and so another prefix K/V."""
+    model = load(tiny_model_dirs["llama"])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+    return model
+
+
+def test_saving_another_model_over_a_checkpoint_replaces_its_prefix(plain_checkpoint, tiny_model_dirs, tmp_path):
+    _, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    other = _other_model(tiny_model_dirs)
+    other.save_pretrained(target)
+    _assert_same_prefix(load(target), other)
+
+
+def test_a_side_file_from_another_checkpoint_is_refused(plain_checkpoint, tiny_model_dirs, tmp_path):
+    _, out = plain_checkpoint
+    other = tmp_path / "other"
+    _other_model(tiny_model_dirs).save_pretrained(other)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copyfile(other / SIDE_FILE_PATH, mixed / SIDE_FILE_PATH)
+    with pytest.raises(ValueError, match="is not the one saved with this config"):
+        load(mixed)
+
+
+@pytest.mark.parametrize("step", ["side file", "config block"])
+def test_a_save_that_fails_half_way_leaves_a_folder_that_refuses_to_load(
+    plain_checkpoint, tiny_model_dirs, tmp_path, monkeypatch, step
+):
+    """Saving model B over A's folder, the write of B's side file or sealed block breaks off half way."""
+    _, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    other = _other_model(tiny_model_dirs)
+    original = intactkv_modifier.checkpoint.folder.write_atomically
+    failing = SIDE_FILE_PATH if step == "side file" else "config.json"
+
+    def write_half(path: Path, data: bytes) -> None:
+        if path == target / failing:
+            original(path.with_name(path.name + ".half"), data[: len(data) // 2])
+            raise OSError("disk full")
+        original(path, data)
+
+    monkeypatch.setattr(intactkv_modifier.checkpoint.folder, "write_atomically", write_half)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(target)
+    with pytest.raises(ValueError, match="did not finish"):
+        load(target)
+    assert not list(target.rglob("*.tmp"))
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(plain_checkpoint, tmp_path, monkeypatch):
+    _, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(intactkv_modifier.checkpoint.files.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        intactkv_modifier.checkpoint.files.write_atomically(target / SIDE_FILE_PATH, b"data")
+    assert sorted(p.name for p in (target / SIDE_FILE_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]
+
+
+def test_saved_files_respect_the_umask(plain_checkpoint, tmp_path):
+    model, _ = plain_checkpoint
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(previous)
+    for name in ("config.json", SIDE_FILE_PATH):  # (transformers 5.17 itself writes model.safetensors 0600)
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_checkpoint_from_the_hub_cache_loads_its_side_file(plain_checkpoint, tmp_path):
@@ -234,11 +318,14 @@ def test_checkpoint_of_the_older_layout_still_loads_and_resaves_into_the_side_fi
     model, out = plain_checkpoint
     old = tmp_path / "old"
     (old).mkdir()
-    (old / "config.json").write_bytes((out / "config.json").read_bytes())
+    document = json.loads((out / "config.json").read_text())
+    del document[CONFIG_KEY]["side_file_sha256"]
+    document[CONFIG_KEY]["format_version"] = 1  # the side file and its digest came later
+    (old / "config.json").write_text(json.dumps(document))
     weights = {}
     for shard in out.glob("model-*.safetensors"):
         weights.update(load_file(shard))
-    weights.update({f"model.{name}": tensor for name, tensor in load_file(out / SIDECAR_PATH).items()})
+    weights.update({f"model.{name}": tensor for name, tensor in load_file(out / SIDE_FILE_PATH).items()})
     save_file(weights, old / "model.safetensors", {"format": "pt"})
     assert prefix_tensors_in_weight_files(old) == ["model.safetensors"]
 
@@ -256,23 +343,6 @@ def test_checkpoint_of_the_older_layout_still_loads_and_resaves_into_the_side_fi
     _assert_same_prefix(load(tmp_path / "new"), model)
 
 
-def test_a_failed_save_leaves_the_previous_side_file(plain_checkpoint, tmp_path, monkeypatch):
-    model, out = plain_checkpoint
-    target = tmp_path / "ckpt"
-    shutil.copytree(out, target)
-    before = (target / SIDECAR_PATH).read_bytes()
-
-    def crash(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(intactkv_modifier.sidecar, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(target)
-    assert (target / SIDECAR_PATH).read_bytes() == before
-    assert sorted(p.name for p in (target / SIDECAR_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]
-
-
 # ---------------------------------------------------------------------------------------------- rejections
 
 
@@ -288,7 +358,7 @@ def _copy_with_config(out: Path, target: Path, edit) -> Path:
     ("edit", "message"),
     [
         ({"num_key_value_heads": 4}, "does not belong to this model"),
-        ({"prefix_token_ids": [BOS, 5]}, r"is \(2, 1, 32\) torch.float32, but the config block declares \(2, 2, 32\)"),
+        ({"prefix_token_ids": [BOS, 5]}, r"is \(2, 1, 32\) F32, but the config block declares \(2, 2, 32\)"),
         ({"format_version": 99}, "format_version 99"),
     ],
     ids=["other-geometry", "tensors-unlike-block", "unknown-format-version"],
@@ -312,14 +382,14 @@ def test_checkpoint_without_its_side_file_is_rejected(saved_checkpoint, tmp_path
 def test_side_file_with_a_misshapen_or_missing_tensor_is_rejected(saved_checkpoint, tmp_path):
     _, out = saved_checkpoint
     broken = _copy_with_config(out, tmp_path / "broken", lambda c: None)
-    tensors = load_file(out / SIDECAR_PATH)
+    tensors = load_file(out / SIDE_FILE_PATH)
 
     misshapen = {**tensors, tensor_name(1, KEY_BUFFER): torch.zeros(2, 3, 32)}
-    save_file(misshapen, broken / SIDECAR_PATH)
+    save_file(misshapen, broken / SIDE_FILE_PATH)
     with pytest.raises(ValueError, match=r"`intact_key` of layer 1 .* is \(2, 3, 32\)(.|\n)*Re-export"):
         load(broken)
 
-    save_file({n: t for n, t in tensors.items() if n != tensor_name(0, VALUE_BUFFER)}, broken / SIDECAR_PATH)
+    save_file({n: t for n, t in tensors.items() if n != tensor_name(0, VALUE_BUFFER)}, broken / SIDE_FILE_PATH)
     with pytest.raises(ValueError, match=r"lacks the IntactKV tensor `intact_value` of layer 0(.|\n)*Re-export"):
         load(broken)
 
@@ -329,13 +399,14 @@ import json, sys
 import torch
 import intactkv_modifier
 from intactkv_modifier import prefix_kv_of
-from intactkv_modifier.serving.vllm_plugin import _config_block
+from intactkv_modifier.checkpoint import HubAccess, checkpoint_folder, read_config_block
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 kv = prefix_kv_of(model)
 torch.save({"keys": kv.keys, "values": kv.values}, sys.argv[2])
-print("RESULT " + json.dumps({"block": _config_block(sys.argv[1], None).prefix_token_ids}))
+block = read_config_block(checkpoint_folder(sys.argv[1], HubAccess()))
+print("RESULT " + json.dumps({"block": block.prefix_token_ids}))
 """
 
 
