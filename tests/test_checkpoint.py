@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
+from huggingface_hub import HfApi
+from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -21,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import intactkv_modifier.checkpoint.files
 import intactkv_modifier.checkpoint.folder
+import intactkv_modifier.loading
 from intactkv_modifier import (
     CONFIG_KEY,
     IntactKVModifier,
@@ -429,3 +434,63 @@ def test_hub_checkpoint_gets_its_side_file_from_the_snapshot(plain_checkpoint, t
     loaded, saved = torch.load(tensors), prefix_kv_of(model)
     for a, b in zip(saved.keys + saved.values, loaded["keys"] + loaded["values"]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- save wrapper
+
+
+def test_a_deep_copy_saves_its_own_prefix(plain_checkpoint, tmp_path):
+    model, _ = plain_checkpoint
+    duplicate = copy.deepcopy(model)
+    for attention in duplicate.model.layers:
+        getattr(attention.self_attn, VALUE_BUFFER).mul_(3.0)
+    duplicate.save_pretrained(tmp_path / "copy")
+    _assert_same_prefix(load(tmp_path / "copy"), duplicate)
+
+
+def test_llm_compressor_can_wrap_the_save_of_a_loaded_checkpoint(saved_checkpoint, tmp_path):
+    """What ``oneshot`` does to a model loaded from an IntactKV checkpoint: its wrapper reads ``__self__``."""
+    _, out = saved_checkpoint
+    model = load(out)
+    modify_save_pretrained(model)
+    model.save_pretrained(tmp_path / "again")
+    _assert_same_prefix(load(tmp_path / "again"), model)
+
+
+class _FakeHub:
+    """The two HfApi calls an upload makes, writing each committed file under ``root/<repo id>``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def create_repo(self, api, repo_id: str, **kwargs) -> SimpleNamespace:
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, api, repo_id: str, operations, **kwargs) -> None:
+        for operation in operations:
+            target = self.root / repo_id / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(operation.path_or_fileobj, target)
+
+
+def test_push_to_hub_uploads_the_side_file_and_the_sealed_block(plain_checkpoint, tmp_path, monkeypatch):
+    model, _ = plain_checkpoint
+    hub = _FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: hub.create_commit(
+        api, repo_id, operations, **kw))
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/tiny-intactkv")
+    uploaded = tmp_path / "hub" / "me" / "tiny-intactkv"
+    assert (uploaded / SIDE_FILE_PATH).read_bytes() == (tmp_path / "local" / SIDE_FILE_PATH).read_bytes()
+    _assert_same_prefix(load(uploaded), model)
+
+
+def test_a_model_whose_layers_intactkv_cannot_find_does_not_load_plain(plain_checkpoint, monkeypatch):
+    _, out = plain_checkpoint
+
+    def unrecognised(model):
+        raise TypeError("decoder layer 0 of Unknown has no `self_attn` module with layer_idx=0;")
+
+    monkeypatch.setattr(intactkv_modifier.loading, "attention_modules", unrecognised)
+    with pytest.raises(TypeError, match="declares IntactKV(.|\n)*remove `intactkv_config`"):
+        load(out)

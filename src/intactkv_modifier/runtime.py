@@ -20,6 +20,7 @@ starts threads with an empty context); run it with ``contextvars.copy_context().
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,23 +118,31 @@ class IntactKVRuntime:
 
     def __init__(self, decoder: torch.nn.Module, attentions: list[torch.nn.Module], prefix_token_ids: list[int]):
         self.prefix_token_ids = list(prefix_token_ids)
+        self._new_context_variables()
+        self._kv_shape: tuple[int, int] | None = None
+        self._warned = False
+        self._checked_buffers = False
+        self._attentions = attentions
+        decoder.register_forward_pre_hook(self._plan_prefill, with_kwargs=True)
+        decoder.register_forward_hook(self._end_forward, always_call=True)
+        for attention in attentions:
+            attention.register_forward_pre_hook(self._wrap_cache, with_kwargs=True)
+
+    def _new_context_variables(self) -> None:
         name = f"intactkv_runtime_{next(_RUNTIME_IDS)}"
         self._call: ContextVar[_CallState | None] = ContextVar(f"{name}_call", default=None)
         self._enabled: ContextVar[bool] = ContextVar(f"{name}_enabled", default=True)
         self._override: ContextVar[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = ContextVar(
             f"{name}_override", default=None
         )
-        self._kv_shape: tuple[int, int] | None = None
-        self._warned = False
-        self._checked_buffers = False
-        self._attentions = attentions
-        self._handles = [
-            decoder.register_forward_pre_hook(self._plan_prefill, with_kwargs=True),
-            decoder.register_forward_hook(self._end_forward, always_call=True),
-        ]
-        self._handles += [
-            attention.register_forward_pre_hook(self._wrap_cache, with_kwargs=True) for attention in attentions
-        ]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> IntactKVRuntime:
+        """A copied model's hooks get a runtime of their own: the copy's layers, fresh per-call state."""
+        duplicate = copy.copy(self)
+        memo[id(self)] = duplicate
+        duplicate._attentions = copy.deepcopy(self._attentions, memo)
+        duplicate._new_context_variables()
+        return duplicate
 
     @classmethod
     def install(cls, model: torch.nn.Module, prefix_token_ids: list[int]) -> IntactKVRuntime:

@@ -248,14 +248,18 @@ def _save_with_prefix(
 
 def _upload(directory: Path, token: bool | str | None, upload: dict[str, Any]) -> None:
     """The whole finished folder, side file included, in one commit (transformers' own upload runs too early)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
     repo_id = upload.get("repo_id") or directory.name
     repo_id = api.create_repo(repo_id, exist_ok=True, private=upload.get("private")).repo_id
-    api.upload_folder(
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    api.create_commit(
         repo_id=repo_id,
-        folder_path=directory,
+        operations=[
+            CommitOperationAdd(path_in_repo=path.relative_to(directory).as_posix(), path_or_fileobj=str(path))
+            for path in files
+        ],
         commit_message=upload.get("commit_message") or "Upload model",
         commit_description=upload.get("commit_description"),
         create_pr=upload.get("create_pr", False),

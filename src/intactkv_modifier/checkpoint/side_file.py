@@ -80,8 +80,9 @@ def serialize_side_file(config: IntactKVConfig, keys: Sequence[torch.Tensor], va
             tensors[tensor_name(layer, kind)] = tensor.detach().to(
                 device="cpu", dtype=config.torch_dtype, memory_format=torch.contiguous_format, copy=True
             )
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(config.tensor_fields(), sort_keys=True)}
-    return save(tensors, metadata=metadata)
+    # One metadata entry only: safetensors writes several in hash-map order, and the same tensors must give
+    # the same bytes (and digest) on every save, or re-saving an unchanged model would not reproduce the block.
+    return save(tensors, metadata={METADATA_KEY: json.dumps(config.tensor_fields(), sort_keys=True)})
 
 
 def sha256_of(data: bytes) -> str:
