@@ -14,14 +14,16 @@ import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from loguru import logger
 from safetensors.torch import load_file, save_file
 from tiny_models import BOS, load, run_python
 
 from intactkv_modifier import IntactKVConfig, attach_intact_kv, capture_prefix_kv, config_of, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
-from intactkv_modifier.checkpoint import seal_prefix, tensor_name
+from intactkv_modifier.checkpoint import HubAccess, seal_prefix, tensor_name
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import (
     SIDE_FILE_PATH,
@@ -37,7 +39,7 @@ from intactkv_modifier.serving import (
     slot_indices,
     write_prefix,
 )
-from intactkv_modifier.serving.vllm_plugin import CONNECTOR_CLASS, decide_connector
+from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, CONNECTOR_CLASS, _local_folder, decide_connector
 
 # ---------------------------------------------------------------------------------------------- matching
 
@@ -469,3 +471,47 @@ def test_vllm_uses_the_stored_prefix_exactly_where_transformers_does(tiny_model_
             for got, want in zip(run, expected):
                 for token, logprob in got.items():
                     assert abs(logprob - float(want[token])) < 0.05, (with_plugin, token, logprob, float(want[token]))
+
+
+# ------------------------------------------------------------------------------------ plugin: reading the model
+
+
+def test_plugin_refuses_lora_on_an_intactkv_checkpoint(saved):
+    config, _, _ = saved
+    with pytest.raises(ValueError, match="LoRA is not supported on IntactKV checkpoints"):
+        decide(config, enable_lora=True)
+    assert not decide(None, enable_lora=True).inject  # other models: LoRA as usual
+
+
+@pytest.mark.parametrize("source", ["s3://bucket/llama", "intactkv-tests/not-in-the-cache"], ids=["s3", "hub-offline"])
+def test_plugin_stops_when_it_cannot_read_the_config(source, tmp_path, monkeypatch):
+    """Unreadable is not "no IntactKV": the model may declare it, so vLLM must not silently serve it plain."""
+    access = HubAccess(cache_dir=tmp_path, local_files_only=True)
+    monkeypatch.delenv(ALLOW_PLAIN_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=f"cannot read config.json of {source}(.|\n)*{ALLOW_PLAIN_ENV}=1"):
+        _local_folder(source, access)
+
+    monkeypatch.setenv(ALLOW_PLAIN_ENV, "1")
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        assert _local_folder(source, access) is None
+    finally:
+        logger.remove(sink)
+    assert len([m for m in messages if "serving WITHOUT IntactKV" in m]) == 1
+
+
+def test_plugin_reads_the_hub_with_the_engines_token_revision_and_download_dir(saved, tmp_path, monkeypatch):
+    _, _, out = saved
+    calls: list[tuple[str, dict]] = []
+
+    def download(repo_id: str, filename: str, **kwargs) -> str:
+        calls.append((filename, kwargs))
+        return str(out / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    access = HubAccess(revision="v2", token="hf_secret", cache_dir=tmp_path / "downloads")
+    assert _local_folder("owner/gated-model", access) == out
+    assert [name for name, _ in calls] == ["config.json", SIDE_FILE_PATH]
+    for _, kwargs in calls:
+        assert (kwargs["revision"], kwargs["token"], kwargs["cache_dir"]) == ("v2", "hf_secret", tmp_path / "downloads")
