@@ -299,6 +299,11 @@ def test_bad_checkpoints_fail_with_the_reason(saved, tmp_path):
     with pytest.raises(ValueError, match="has no side_file_sha256, so the save that wrote it did not finish"):
         read_prefix(copy)
 
+    version_1 = {**config.to_config_value(), "format_version": 1}
+    (copy / "config.json").write_text(json.dumps({"intactkv_config": version_1}))
+    with pytest.raises(ValueError, match="would skip its digest check"):
+        read_prefix(copy)
+
     (copy / "config.json").write_text(json.dumps({"intactkv_config": block}))
     save_file({n: t for n, t in tensors.items() if not n.startswith("layers.1.")}, copy / SIDE_FILE_PATH)
     with pytest.raises(ValueError, match="lacks the IntactKV tensor `intact_key` of layer 1"):

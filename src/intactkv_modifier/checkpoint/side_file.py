@@ -163,6 +163,11 @@ def _check_header(header: dict, config: IntactKVConfig, path: Path) -> None:
 def _check_seal(data: bytes, metadata: dict, config: IntactKVConfig, path: Path) -> None:
     """A version 2 block names the exact bytes it was saved with; a version 1 block cannot (read as before)."""
     if config.format_version == 1:
+        if METADATA_KEY in metadata:
+            raise ValueError(
+                f"{path} was written with a version 2 block, but `{CONFIG_KEY}` says format_version 1, which "
+                f"would skip its digest check (config.json edited?). {REMEDY}"
+            )
         return
     if config.side_file_sha256 is None:
         raise ValueError(
