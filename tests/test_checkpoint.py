@@ -6,8 +6,10 @@ import copy
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +28,7 @@ from transformers import AutoModelForCausalLM
 import intactkv_modifier.checkpoint.files
 import intactkv_modifier.checkpoint.folder
 import intactkv_modifier.loading
+import intactkv_modifier.storage
 from intactkv_modifier import (
     CONFIG_KEY,
     IntactKVModifier,
@@ -494,3 +497,55 @@ def test_a_model_whose_layers_intactkv_cannot_find_does_not_load_plain(plain_che
     monkeypatch.setattr(intactkv_modifier.loading, "attention_modules", unrecognised)
     with pytest.raises(TypeError, match="declares IntactKV(.|\n)*remove `intactkv_config`"):
         load(out)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_and_die_at(step: str, model: torch.nn.Module, target: Path) -> None:
+    """In a forked child: save ``model`` into ``target`` and be SIGKILLed at ``step`` (no cleanup code runs)."""
+    folder, files = intactkv_modifier.checkpoint.folder, intactkv_modifier.checkpoint.files
+    if step == "before removing the old side file":
+        intactkv_modifier.storage.forget_prefix = lambda directory: _die()
+    elif step == "after removing the old side file":
+        forget = intactkv_modifier.storage.forget_prefix
+        intactkv_modifier.storage.forget_prefix = lambda directory: (forget(directory), _die())
+    elif step == "writing the weights":
+        transformers.modeling_utils.safe_save_file = lambda *args, **kwargs: _die()
+    elif step == "renaming the side file":
+        files.os.replace = lambda source, destination: _die()
+    elif step == "writing the sealed block":
+        write = folder.write_atomically
+        folder.write_atomically = lambda path, data: _die() if path.name == "config.json" else write(path, data)
+    model.save_pretrained(target)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "before removing the old side file",
+        "after removing the old side file",
+        "writing the weights",
+        "renaming the side file",
+        "writing the sealed block",
+    ],
+)
+def test_a_save_killed_at_any_step_never_loads_wrong(plain_checkpoint, tiny_model_dirs, tmp_path, step):
+    model, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    child = multiprocessing.get_context("fork").Process(
+        target=_save_and_die_at, args=(step, _other_model(tiny_model_dirs), target)
+    )
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL
+    if step == "before removing the old side file":
+        _assert_same_prefix(load(target), model)  # nothing was touched: A, whole
+    elif step == "writing the weights":  # transformers had removed A's shards: it refuses first
+        with pytest.raises(OSError, match="model-00001-of"):
+            load(target)
+    else:
+        with pytest.raises(ValueError, match="did not finish"):
+            load(target)
