@@ -275,6 +275,7 @@ def _save_in_child(model: PreTrainedModel, folder: str, started: Any) -> None:
     """Says "started" through a pipe: a lock-based Event held by a killed child would block the parent for ever."""
     started.send_bytes(b"started")
     model.save_pretrained(folder)
+    started.send_bytes(b"saved")
 
 
 def kill_trials(
@@ -282,7 +283,8 @@ def kill_trials(
 ) -> dict[str, Any]:
     """SIGKILL a forked process saving B over A at a uniformly random time up to 1.2x a save's duration.
 
-    The duration is that of the same save run to completion in a forked child, from its start signal to its exit.
+    The duration is that of the same save run to completion in a forked child, between its "started" and "saved"
+    signals (the child's exit, which takes longer than the save, is not part of it).
     """
     context = multiprocessing.get_context("fork")
 
@@ -296,12 +298,16 @@ def kill_trials(
         if reader.poll(30):
             reader.recv_bytes()
         start = time.perf_counter()
-        if kill_after is not None:
+        if kill_after is None:
+            reader.recv_bytes()
+            duration = time.perf_counter() - start
+        else:
             time.sleep(kill_after)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            duration = kill_after
         child.join()
-        return outcome(target, a, b), time.perf_counter() - start
+        return outcome(target, a, b), duration
 
     uninterrupted, save_s = save_over_a(None)
     assert uninterrupted == "B", "an uninterrupted save must load"
