@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
+from huggingface_hub import HfApi
+from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -18,7 +25,10 @@ from test_modifier import gptq, quantize
 from tiny_models import BOS, load, load_tokenizer, run_python, text_samples
 from transformers import AutoModelForCausalLM
 
-import intactkv_modifier.sidecar
+import intactkv_modifier.checkpoint.files
+import intactkv_modifier.checkpoint.folder
+import intactkv_modifier.loading
+import intactkv_modifier.storage
 from intactkv_modifier import (
     CONFIG_KEY,
     IntactKVModifier,
@@ -28,9 +38,9 @@ from intactkv_modifier import (
     intact_kv_disabled,
     prefix_kv_of,
 )
+from intactkv_modifier.checkpoint import SIDE_FILE_PATH, tensor_name
 from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import prefix_tensors_in_weight_files
-from intactkv_modifier.sidecar import SIDECAR_PATH, tensor_name
 
 LAYERS, BUFFER_SHAPE = 2, (2, 1, 32)  # the tiny Llama's layers and [kv heads, prefix length, head dim] for [BOS]
 
@@ -97,7 +107,8 @@ def test_checkpoint_holds_a_versioned_config_block(saved_checkpoint):
     _, out = saved_checkpoint
     config = json.loads((out / "config.json").read_text())
     block = config[CONFIG_KEY]
-    assert block["format_version"] == 1
+    assert block["format_version"] == 2
+    assert block["side_file_sha256"] == hashlib.sha256((out / SIDE_FILE_PATH).read_bytes()).hexdigest()
     assert block["prefix_token_ids"] == [BOS]
     assert (block["num_layers"], block["num_key_value_heads"], block["head_dim"]) == (LAYERS, 2, 32)
     assert block["dtype"] == "float32"
@@ -122,8 +133,8 @@ def test_plain_save_is_sharded_with_an_index(plain_checkpoint):
 def test_side_file_matches_the_block_and_the_model(checkpoint):
     model, out = checkpoint
     block = json.loads((out / "config.json").read_text())[CONFIG_KEY]
-    assert sorted(p.name for p in (out / SIDECAR_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]  # no temp file
-    stored = load_file(out / SIDECAR_PATH)
+    assert sorted(p.name for p in (out / SIDE_FILE_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]  # no temp file
+    stored = load_file(out / SIDE_FILE_PATH)
     expected_names = {tensor_name(layer, kind) for layer in range(LAYERS) for kind in (KEY_BUFFER, VALUE_BUFFER)}
     assert set(stored) == expected_names
     assert tensor_name(1, VALUE_BUFFER) == "layers.1.self_attn.intact_value"
@@ -187,7 +198,7 @@ def test_buffers_follow_the_model_dtype_and_save_in_the_stored_dtype(plain_check
         assert torch.equal(attention.intact_value, value.to(torch.bfloat16))
 
     loaded.save_pretrained(tmp_path / "again")
-    resaved = load_file(tmp_path / "again" / SIDECAR_PATH)[tensor_name(0, KEY_BUFFER)]
+    resaved = load_file(tmp_path / "again" / SIDE_FILE_PATH)[tensor_name(0, KEY_BUFFER)]
     assert resaved.dtype == torch.float32  # the block's dtype, which did not change
     assert torch.equal(resaved, stored.keys[0].to(torch.bfloat16).float())
 
@@ -209,9 +220,90 @@ def test_resaving_a_loaded_checkpoint_keeps_the_block_and_the_side_file(saved_ch
     _, out = saved_checkpoint
     load(out).save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())[CONFIG_KEY]["prefix_token_ids"] == [BOS]
-    original, resaved = load_file(out / SIDECAR_PATH), load_file(tmp_path / "again" / SIDECAR_PATH)
+    original, resaved = load_file(out / SIDE_FILE_PATH), load_file(tmp_path / "again" / SIDE_FILE_PATH)
     assert original.keys() == resaved.keys()
     assert all(torch.equal(original[name], resaved[name]) for name in original)
+
+
+def _other_model(tiny_model_dirs) -> torch.nn.Module:
+    """Same shape as plain_checkpoint's model, other weights and so another prefix K/V."""
+    model = load(tiny_model_dirs["llama"])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+    return model
+
+
+def test_saving_another_model_over_a_checkpoint_replaces_its_prefix(plain_checkpoint, tiny_model_dirs, tmp_path):
+    _, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    other = _other_model(tiny_model_dirs)
+    other.save_pretrained(target)
+    _assert_same_prefix(load(target), other)
+
+
+def test_a_side_file_from_another_checkpoint_is_refused(plain_checkpoint, tiny_model_dirs, tmp_path):
+    _, out = plain_checkpoint
+    other = tmp_path / "other"
+    _other_model(tiny_model_dirs).save_pretrained(other)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copyfile(other / SIDE_FILE_PATH, mixed / SIDE_FILE_PATH)
+    with pytest.raises(ValueError, match="is not the one saved with this config"):
+        load(mixed)
+
+
+@pytest.mark.parametrize("step", ["side file", "config block"])
+def test_a_save_that_fails_half_way_leaves_a_folder_that_refuses_to_load(
+    plain_checkpoint, tiny_model_dirs, tmp_path, monkeypatch, step
+):
+    """Saving model B over A's folder, the write of B's side file or sealed block breaks off half way."""
+    _, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    other = _other_model(tiny_model_dirs)
+    original = intactkv_modifier.checkpoint.folder.write_atomically
+    failing = SIDE_FILE_PATH if step == "side file" else "config.json"
+
+    def write_half(path: Path, data: bytes) -> None:
+        if path == target / failing:
+            original(path.with_name(path.name + ".half"), data[: len(data) // 2])
+            raise OSError("disk full")
+        original(path, data)
+
+    monkeypatch.setattr(intactkv_modifier.checkpoint.folder, "write_atomically", write_half)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(target)
+    with pytest.raises(ValueError, match="did not finish"):
+        load(target)
+    assert not list(target.rglob("*.tmp"))
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(plain_checkpoint, tmp_path, monkeypatch):
+    _, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(intactkv_modifier.checkpoint.files.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        intactkv_modifier.checkpoint.files.write_atomically(target / SIDE_FILE_PATH, b"data")
+    assert sorted(p.name for p in (target / SIDE_FILE_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]
+
+
+def test_saved_files_respect_the_umask(plain_checkpoint, tmp_path):
+    model, _ = plain_checkpoint
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(previous)
+    for name in ("config.json", SIDE_FILE_PATH):  # (transformers 5.17 itself writes model.safetensors 0600)
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_checkpoint_from_the_hub_cache_loads_its_side_file(plain_checkpoint, tmp_path):
@@ -234,11 +326,14 @@ def test_checkpoint_of_the_older_layout_still_loads_and_resaves_into_the_side_fi
     model, out = plain_checkpoint
     old = tmp_path / "old"
     (old).mkdir()
-    (old / "config.json").write_bytes((out / "config.json").read_bytes())
+    document = json.loads((out / "config.json").read_text())
+    del document[CONFIG_KEY]["side_file_sha256"]
+    document[CONFIG_KEY]["format_version"] = 1  # the side file and its digest came later
+    (old / "config.json").write_text(json.dumps(document))
     weights = {}
     for shard in out.glob("model-*.safetensors"):
         weights.update(load_file(shard))
-    weights.update({f"model.{name}": tensor for name, tensor in load_file(out / SIDECAR_PATH).items()})
+    weights.update({f"model.{name}": tensor for name, tensor in load_file(out / SIDE_FILE_PATH).items()})
     save_file(weights, old / "model.safetensors", {"format": "pt"})
     assert prefix_tensors_in_weight_files(old) == ["model.safetensors"]
 
@@ -256,23 +351,6 @@ def test_checkpoint_of_the_older_layout_still_loads_and_resaves_into_the_side_fi
     _assert_same_prefix(load(tmp_path / "new"), model)
 
 
-def test_a_failed_save_leaves_the_previous_side_file(plain_checkpoint, tmp_path, monkeypatch):
-    model, out = plain_checkpoint
-    target = tmp_path / "ckpt"
-    shutil.copytree(out, target)
-    before = (target / SIDECAR_PATH).read_bytes()
-
-    def crash(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(intactkv_modifier.sidecar, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(target)
-    assert (target / SIDECAR_PATH).read_bytes() == before
-    assert sorted(p.name for p in (target / SIDECAR_PATH).parent.iterdir()) == ["prefix_kv.safetensors"]
-
-
 # ---------------------------------------------------------------------------------------------- rejections
 
 
@@ -288,7 +366,7 @@ def _copy_with_config(out: Path, target: Path, edit) -> Path:
     ("edit", "message"),
     [
         ({"num_key_value_heads": 4}, "does not belong to this model"),
-        ({"prefix_token_ids": [BOS, 5]}, r"is \(2, 1, 32\) torch.float32, but the config block declares \(2, 2, 32\)"),
+        ({"prefix_token_ids": [BOS, 5]}, r"is \(2, 1, 32\) F32, but the config block declares \(2, 2, 32\)"),
         ({"format_version": 99}, "format_version 99"),
     ],
     ids=["other-geometry", "tensors-unlike-block", "unknown-format-version"],
@@ -312,14 +390,14 @@ def test_checkpoint_without_its_side_file_is_rejected(saved_checkpoint, tmp_path
 def test_side_file_with_a_misshapen_or_missing_tensor_is_rejected(saved_checkpoint, tmp_path):
     _, out = saved_checkpoint
     broken = _copy_with_config(out, tmp_path / "broken", lambda c: None)
-    tensors = load_file(out / SIDECAR_PATH)
+    tensors = load_file(out / SIDE_FILE_PATH)
 
     misshapen = {**tensors, tensor_name(1, KEY_BUFFER): torch.zeros(2, 3, 32)}
-    save_file(misshapen, broken / SIDECAR_PATH)
+    save_file(misshapen, broken / SIDE_FILE_PATH)
     with pytest.raises(ValueError, match=r"`intact_key` of layer 1 .* is \(2, 3, 32\)(.|\n)*Re-export"):
         load(broken)
 
-    save_file({n: t for n, t in tensors.items() if n != tensor_name(0, VALUE_BUFFER)}, broken / SIDECAR_PATH)
+    save_file({n: t for n, t in tensors.items() if n != tensor_name(0, VALUE_BUFFER)}, broken / SIDE_FILE_PATH)
     with pytest.raises(ValueError, match=r"lacks the IntactKV tensor `intact_value` of layer 0(.|\n)*Re-export"):
         load(broken)
 
@@ -329,13 +407,14 @@ import json, sys
 import torch
 import intactkv_modifier
 from intactkv_modifier import prefix_kv_of
-from intactkv_modifier.serving.vllm_plugin import _config_block
+from intactkv_modifier.checkpoint import HubAccess, checkpoint_folder, read_config_block
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 kv = prefix_kv_of(model)
 torch.save({"keys": kv.keys, "values": kv.values}, sys.argv[2])
-print("RESULT " + json.dumps({"block": _config_block(sys.argv[1], None).prefix_token_ids}))
+block = read_config_block(checkpoint_folder(sys.argv[1], HubAccess()))
+print("RESULT " + json.dumps({"block": block.prefix_token_ids}))
 """
 
 
@@ -358,3 +437,115 @@ def test_hub_checkpoint_gets_its_side_file_from_the_snapshot(plain_checkpoint, t
     loaded, saved = torch.load(tensors), prefix_kv_of(model)
     for a, b in zip(saved.keys + saved.values, loaded["keys"] + loaded["values"]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- save wrapper
+
+
+def test_a_deep_copy_saves_its_own_prefix(plain_checkpoint, tmp_path):
+    model, _ = plain_checkpoint
+    duplicate = copy.deepcopy(model)
+    for attention in duplicate.model.layers:
+        getattr(attention.self_attn, VALUE_BUFFER).mul_(3.0)
+    duplicate.save_pretrained(tmp_path / "copy")
+    _assert_same_prefix(load(tmp_path / "copy"), duplicate)
+
+
+def test_llm_compressor_can_wrap_the_save_of_a_loaded_checkpoint(saved_checkpoint, tmp_path):
+    """What ``oneshot`` does to a model loaded from an IntactKV checkpoint: its wrapper reads ``__self__``."""
+    _, out = saved_checkpoint
+    model = load(out)
+    modify_save_pretrained(model)
+    model.save_pretrained(tmp_path / "again")
+    _assert_same_prefix(load(tmp_path / "again"), model)
+
+
+class _FakeHub:
+    """The two HfApi calls an upload makes, writing each committed file under ``root/<repo id>``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def create_repo(self, api, repo_id: str, **kwargs) -> SimpleNamespace:
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, api, repo_id: str, operations, **kwargs) -> None:
+        for operation in operations:
+            target = self.root / repo_id / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(operation.path_or_fileobj, target)
+
+
+def test_push_to_hub_uploads_the_side_file_and_the_sealed_block(plain_checkpoint, tmp_path, monkeypatch):
+    model, _ = plain_checkpoint
+    hub = _FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: hub.create_commit(
+        api, repo_id, operations, **kw))
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/tiny-intactkv")
+    uploaded = tmp_path / "hub" / "me" / "tiny-intactkv"
+    assert (uploaded / SIDE_FILE_PATH).read_bytes() == (tmp_path / "local" / SIDE_FILE_PATH).read_bytes()
+    _assert_same_prefix(load(uploaded), model)
+
+
+def test_a_model_whose_layers_intactkv_cannot_find_does_not_load_plain(plain_checkpoint, monkeypatch):
+    _, out = plain_checkpoint
+
+    def unrecognised(model):
+        raise TypeError("decoder layer 0 of Unknown has no `self_attn` module with layer_idx=0;")
+
+    monkeypatch.setattr(intactkv_modifier.loading, "attention_modules", unrecognised)
+    with pytest.raises(TypeError, match="declares IntactKV(.|\n)*remove `intactkv_config`"):
+        load(out)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_and_die_at(step: str, model: torch.nn.Module, target: Path) -> None:
+    """In a forked child: save ``model`` into ``target`` and be SIGKILLed at ``step`` (no cleanup code runs)."""
+    folder, files = intactkv_modifier.checkpoint.folder, intactkv_modifier.checkpoint.files
+    if step == "before removing the old side file":
+        intactkv_modifier.storage.forget_prefix = lambda directory: _die()
+    elif step == "after removing the old side file":
+        forget = intactkv_modifier.storage.forget_prefix
+        intactkv_modifier.storage.forget_prefix = lambda directory: (forget(directory), _die())
+    elif step == "writing the weights":
+        transformers.modeling_utils.safe_save_file = lambda *args, **kwargs: _die()
+    elif step == "renaming the side file":
+        files.os.replace = lambda source, destination: _die()
+    elif step == "writing the sealed block":
+        write = folder.write_atomically
+        folder.write_atomically = lambda path, data: _die() if path.name == "config.json" else write(path, data)
+    model.save_pretrained(target)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "before removing the old side file",
+        "after removing the old side file",
+        "writing the weights",
+        "renaming the side file",
+        "writing the sealed block",
+    ],
+)
+def test_a_save_killed_at_any_step_never_loads_wrong(plain_checkpoint, tiny_model_dirs, tmp_path, step):
+    model, out = plain_checkpoint
+    target = tmp_path / "ckpt"
+    shutil.copytree(out, target)
+    child = multiprocessing.get_context("fork").Process(
+        target=_save_and_die_at, args=(step, _other_model(tiny_model_dirs), target)
+    )
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL
+    if step == "before removing the old side file":
+        _assert_same_prefix(load(target), model)  # nothing was touched: A, whole
+    elif step == "writing the weights":  # transformers had removed A's shards: it refuses first
+        with pytest.raises(OSError, match="model-00001-of"):
+            load(target)
+    else:
+        with pytest.raises(ValueError, match="did not finish"):
+            load(target)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+
 import pytest
 import torch
 from loguru import logger
@@ -85,11 +88,19 @@ def test_sampling_is_reproducible_and_uses_the_prefix(tiny_model_dirs):
     torch.manual_seed(3)
     plain = model.generate(**kwargs)
 
-    attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+    kv = capture_prefix_kv(model, [BOS])
+    attach_intact_kv(model, [BOS], PrefixKV(keys=kv.keys, values=[v + 2.0 * torch.randn_like(v) for v in kv.values]))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(model.generate(**kwargs))
     torch.manual_seed(3)
-    with_own_kv = model.generate(**kwargs)
+    with intact_kv_disabled(model):
+        disabled = model.generate(**kwargs)
 
-    assert torch.equal(plain, with_own_kv)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], plain)
+    assert torch.equal(disabled, plain)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -113,7 +124,7 @@ def test_left_padded_batch_equals_unbatched(tiny_model_dirs, architecture):
         torch.testing.assert_close(batched_logits[index, -len(row) :], single_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_rows_without_the_prefix_run_unchanged_with_one_warning(tiny_model_dirs):
+def test_rows_without_the_prefix_run_unchanged_with_one_warning_then_debug_lines(tiny_model_dirs):
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 2.0))
@@ -124,16 +135,18 @@ def test_rows_without_the_prefix_run_unchanged_with_one_warning(tiny_model_dirs)
         plain = model(input_ids=ids).logits
 
     messages: list[str] = []
-    sink = logger.add(messages.append, level="WARNING")
+    sink = logger.add(messages.append, level="DEBUG", format="{level} {message}")
     try:
         mixed = model(input_ids=ids).logits
         model(input_ids=ids)
+        model(input_ids=ids[1:])
     finally:
         logger.remove(sink)
 
     torch.testing.assert_close(mixed[1], plain[1], atol=0, rtol=0)
     assert (mixed[0] - plain[0]).abs().max() > 1e-3
-    assert len([m for m in messages if "do not start with the stored prefix" in m]) == 1
+    reports = [m.split(" prompts")[0] for m in messages if "do not start with the stored prefix" in m]
+    assert reports == ["WARNING IntactKV: 1 of 2", "DEBUG IntactKV: 1 of 2", "DEBUG IntactKV: 1 of 1"]
 
 
 def test_prefix_off_position_zero_is_not_spliced(tiny_model_dirs):
@@ -148,3 +161,44 @@ def test_prefix_off_position_zero_is_not_spliced(tiny_model_dirs):
 
     torch.testing.assert_close(spliced[0], plain[0], atol=0, rtol=0)
     assert (spliced[1] - plain[1]).abs().max() > 1e-3
+
+
+def test_threads_sharing_a_model_get_their_own_prefill_plans(tiny_model_dirs):
+    """Threads x prompts with and without the prefix, greedy: every result equals the serial one.
+
+    One thread also runs under ``intact_kv_disabled``, which must not switch IntactKV off for the others.
+    """
+    model = load(tiny_model_dirs["llama"])
+    tokenizer = load_tokenizer(tiny_model_dirs["llama"])
+    attach_intact_kv(model, [BOS], _scaled(capture_prefix_kv(model, [BOS]), 3.0))
+    with_bos = _prompts(tokenizer, [BOS], (5, 9, 7, 11))
+    prompts = [row for rows in zip(with_bos, [row[1:] + [7] for row in with_bos]) for row in rows]
+    jobs = [(prompt, False) for prompt in prompts] + [(with_bos[0], True)]
+
+    def run(job: tuple[list[int], bool]) -> list[int]:
+        prompt, disabled = job
+        with intact_kv_disabled(model) if disabled else contextlib.nullcontext():
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        return out[0].tolist()
+
+    serial = [run(job) for job in jobs]
+    assert serial[0] != serial[-1]  # the prefix changes the output, so a thread that loses it is seen
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        for _ in range(3):
+            assert list(pool.map(run, jobs)) == serial
+
+
+def test_an_attention_that_bypasses_the_cache_argument_is_an_error(tiny_model_dirs):
+    """A layer that writes its KV through another route would silently run with the quantized prefix."""
+    model = load(tiny_model_dirs["llama"])
+    attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+    attention = model.model.layers[1].self_attn
+    forward = attention.forward
+
+    def unwrapped_cache(*args, past_key_values=None, **kwargs):
+        return forward(*args, past_key_values=getattr(past_key_values, "_inner", past_key_values), **kwargs)
+
+    attention.forward = unwrapped_cache
+    with pytest.raises(RuntimeError, match=r"attention layers \[1\] never wrote their KV"):
+        model(input_ids=torch.tensor([[BOS, 5, 6]]))
+    model(input_ids=torch.tensor([[5, 6]]))  # no prefix, no plan: nothing to apply

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from loguru import logger
 from safetensors.torch import load_file, save_file
 from tiny_models import BOS, load, run_python
 
 from intactkv_modifier import IntactKVConfig, attach_intact_kv, capture_prefix_kv, config_of, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
-from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
+from intactkv_modifier.checkpoint import HubAccess, seal_prefix, tensor_name
+from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import (
-    SIDECAR_PATH,
+    SIDE_FILE_PATH,
     PrefixLoad,
     SlotIndices,
     kv_head_slice,
@@ -38,8 +39,7 @@ from intactkv_modifier.serving import (
     slot_indices,
     write_prefix,
 )
-from intactkv_modifier.serving.vllm_plugin import CONNECTOR_CLASS, decide_connector
-from intactkv_modifier.sidecar import tensor_name
+from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, CONNECTOR_CLASS, _local_folder, decide_connector
 
 # ---------------------------------------------------------------------------------------------- matching
 
@@ -198,16 +198,20 @@ def prefix_tensors(kv: PrefixKV, module_path: str = "") -> dict[str, torch.Tenso
 
 
 def lay_out(saved_dir: Path, kv: PrefixKV, directory: Path, *, sidecar: bool) -> Path:
-    """A copy of a saved checkpoint with the prefix K/V either in SIDECAR_PATH or in model.safetensors.
+    """A copy of a saved checkpoint with the prefix K/V either in SIDE_FILE_PATH or in model.safetensors.
 
-    Built from the saved weights and ``kv``, so each layout is exactly what the test says.
+    Built from the saved weights and ``kv``, so each layout is exactly what the test says; the older
+    layout comes with the version 1 block it was written with.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_bytes((saved_dir / "config.json").read_bytes())
+    document = json.loads((saved_dir / "config.json").read_text())
+    block = IntactKVConfig.from_config_value(document[CONFIG_KEY])
+    if not sidecar:
+        document[CONFIG_KEY] = {**block.unsealed().to_config_value(), "format_version": 1}
+    (directory / "config.json").write_text(json.dumps(document))
     weights = load_file(saved_dir / "model.safetensors")
     if sidecar:
-        (directory / SIDECAR_PATH).parent.mkdir(exist_ok=True)
-        save_file(prefix_tensors(kv), directory / SIDECAR_PATH, {"format": "pt"})
+        seal_prefix(directory, block, kv.keys, kv.values)
     else:
         weights.update(prefix_tensors(kv, module_path="model."))
     save_file(weights, directory / "model.safetensors", {"format": "pt"})
@@ -229,10 +233,10 @@ def saved(request, tiny_model_dirs, tmp_path_factory) -> tuple[IntactKVConfig, P
 def test_config_block_and_tensors_of_a_saved_checkpoint(saved):
     """What this package saves is what vLLM can load: the prefix only in the side file."""
     config, kv, out = saved
-    assert read_config_block(out) == config
+    assert read_config_block(out).unsealed() == config and read_config_block(out).side_file_sha256 is not None
     assert prefix_tensors_in_weight_files(out) == []
     stored = read_prefix(out)
-    assert stored.config == config and stored.source == out / SIDECAR_PATH
+    assert stored.config.unsealed() == config and stored.source == out / SIDE_FILE_PATH
     for a, b in zip(kv.keys + kv.values, stored.keys + stored.values):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
@@ -242,7 +246,7 @@ def test_sidecar_is_read_and_keeps_weight_files_clean(saved, tmp_path):
     copy = lay_out(out, kv, tmp_path / "ckpt", sidecar=True)
     assert prefix_tensors_in_weight_files(copy) == []
     stored = read_prefix(copy)
-    assert stored.source == copy / SIDECAR_PATH and stored.config == config
+    assert stored.source == copy / SIDE_FILE_PATH and stored.config.unsealed() == config
     for a, b in zip(kv.keys + kv.values, stored.keys + stored.values):
         assert torch.equal(a, b)
 
@@ -281,22 +285,32 @@ def test_bad_checkpoints_fail_with_the_reason(saved, tmp_path):
     config, kv, out = saved
     copy = lay_out(out, kv, tmp_path / "bad", sidecar=True)
     tensors = prefix_tensors(kv)
-    block = config.to_config_value()
+    block = read_config_block(copy).to_config_value()
 
-    (copy / "config.json").write_text(json.dumps({"intactkv_config": {**block, "format_version": 2}}))
+    (copy / "config.json").write_text(json.dumps({"intactkv_config": {**block, "format_version": 99}}))
     with pytest.raises(ValueError, match="Upgrade intactkv-modifier"):
         read_config_block(copy)
 
-    (copy / "config.json").write_text(json.dumps({"intactkv_config": {**block, "prefix_token_ids": [BOS, 5]}}))
+    (copy / "config.json").write_text(json.dumps({"intactkv_config": {**block, "prefix_token_ids": [BOS, 5, 6, 7]}}))
     with pytest.raises(ValueError, match="do not match their config"):
         read_prefix(copy)
 
+    (copy / "config.json").write_text(json.dumps({"intactkv_config": config.to_config_value()}))
+    with pytest.raises(ValueError, match="has no side_file_sha256, so the save that wrote it did not finish"):
+        read_prefix(copy)
+
+    version_1 = {**config.to_config_value(), "format_version": 1}
+    (copy / "config.json").write_text(json.dumps({"intactkv_config": version_1}))
+    with pytest.raises(ValueError, match="would skip its digest check"):
+        read_prefix(copy)
+
     (copy / "config.json").write_text(json.dumps({"intactkv_config": block}))
-    save_file({n: t for n, t in tensors.items() if not n.startswith("layers.1.")}, copy / SIDECAR_PATH)
+    save_file({n: t for n, t in tensors.items() if not n.startswith("layers.1.")}, copy / SIDE_FILE_PATH)
     with pytest.raises(ValueError, match="lacks the IntactKV tensor `intact_key` of layer 1"):
         read_prefix(copy)
 
-    save_file({n: torch.full_like(t, float("nan")) for n, t in tensors.items()}, copy / SIDECAR_PATH)
+    nan = [torch.full_like(t, float("nan")) for t in kv.keys]
+    seal_prefix(copy, config, nan, kv.values)
     with pytest.raises(ValueError, match="non-finite"):
         read_prefix(copy)
 
@@ -331,10 +345,32 @@ def test_plugin_says_vllm_does_not_apply_the_checkpoints_kv_cache_quantization(s
     assert decide(config).level == "INFO"
 
 
+_IMPORT_WATCH = r"""
+import importlib.abc, json, sys
+attempts = []
+
+class Watch(importlib.abc.MetaPathFinder):
+    # records every attempt to import vLLM, installed or not, and makes it fail
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm" or name.startswith("vllm."):
+            attempts.append(name)
+            raise ImportError(f"{name} is watched")
+        return None
+
+sys.meta_path.insert(0, Watch())
+import intactkv_modifier.serving.vllm_plugin as plugin
+on_import = list(attempts)
+try:
+    plugin.register()  # needs vLLM: proves the watch sees an import
+except ImportError:
+    pass
+print("RESULT " + json.dumps({"on_import": on_import, "on_register": attempts}))
+"""
+
+
 def test_importing_the_plugin_does_not_import_vllm():
-    code = "import sys, intactkv_modifier.serving.vllm_plugin; print('vllm' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip().splitlines()[-1] == "False"
+    report = run_python(_IMPORT_WATCH)
+    assert report["on_import"] == [] and report["on_register"][:1] == ["vllm"]
 
 
 _SERVING_ONLY = r"""
@@ -342,7 +378,7 @@ import json, sys
 sys.modules["llmcompressor"] = None  # as in a vLLM environment: llm-compressor is not installed
 import torch
 import intactkv_modifier
-from intactkv_modifier.serving.checkpoint import read_prefix
+from intactkv_modifier.checkpoint import read_prefix
 from intactkv_modifier.serving.vllm_plugin import decide_connector
 
 stored = read_prefix(sys.argv[1])
@@ -370,7 +406,7 @@ def test_plugin_reads_checkpoints_without_llmcompressor(saved, tmp_path):
     tensors = tmp_path / "prefix.pt"
     report = run_python(_SERVING_ONLY, str(out), str(tensors))
     assert not report["available"] and not report["llmcompressor_loaded"]
-    assert IntactKVConfig.model_validate(report["block"]) == config and report["inject"]
+    assert IntactKVConfig.model_validate(report["block"]).unsealed() == config and report["inject"]
     assert "pip install 'intactkv-modifier[quantize]'" in report["modifier_error"]
     read_back = torch.load(tensors)
     for a, b in zip(kv.keys + kv.values, read_back["keys"] + read_back["values"]):
@@ -440,3 +476,47 @@ def test_vllm_uses_the_stored_prefix_exactly_where_transformers_does(tiny_model_
             for got, want in zip(run, expected):
                 for token, logprob in got.items():
                     assert abs(logprob - float(want[token])) < 0.05, (with_plugin, token, logprob, float(want[token]))
+
+
+# ------------------------------------------------------------------------------------ plugin: reading the model
+
+
+def test_plugin_refuses_lora_on_an_intactkv_checkpoint(saved):
+    config, _, _ = saved
+    with pytest.raises(ValueError, match="LoRA is not supported on IntactKV checkpoints"):
+        decide(config, enable_lora=True)
+    assert not decide(None, enable_lora=True).inject  # other models: LoRA as usual
+
+
+@pytest.mark.parametrize("source", ["s3://bucket/llama", "intactkv-tests/not-in-the-cache"], ids=["s3", "hub-offline"])
+def test_plugin_stops_when_it_cannot_read_the_config(source, tmp_path, monkeypatch):
+    """Unreadable is not "no IntactKV": the model may declare it, so vLLM must not silently serve it plain."""
+    access = HubAccess(cache_dir=tmp_path, local_files_only=True)
+    monkeypatch.delenv(ALLOW_PLAIN_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=f"cannot read config.json of {source}(.|\n)*{ALLOW_PLAIN_ENV}=1"):
+        _local_folder(source, access)
+
+    monkeypatch.setenv(ALLOW_PLAIN_ENV, "1")
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        assert _local_folder(source, access) is None
+    finally:
+        logger.remove(sink)
+    assert len([m for m in messages if "serving WITHOUT IntactKV" in m]) == 1
+
+
+def test_plugin_reads_the_hub_with_the_engines_token_revision_and_download_dir(saved, tmp_path, monkeypatch):
+    _, _, out = saved
+    calls: list[tuple[str, dict]] = []
+
+    def download(repo_id: str, filename: str, **kwargs) -> str:
+        calls.append((filename, kwargs))
+        return str(out / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    access = HubAccess(revision="v2", token="hf_secret", cache_dir=tmp_path / "downloads")
+    assert _local_folder("owner/gated-model", access) == out
+    assert [name for name, _ in calls] == ["config.json", SIDE_FILE_PATH]
+    for _, kwargs in calls:
+        assert (kwargs["revision"], kwargs["token"], kwargs["cache_dir"]) == ("v2", "hf_secret", tmp_path / "downloads")

@@ -16,10 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = ["CONFIG_KEY", "FORMAT_VERSION", "KEY_BUFFER", "VALUE_BUFFER", "IntactKVConfig"]
 
 CONFIG_KEY = "intactkv_config"
-FORMAT_VERSION = 1
+#: Version 2 adds ``side_file_sha256``, which ties the block to the exact side file it
+#: was saved with; version 1 blocks (no digest) are still read, without that check.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: Fields that decide what the stored tensors are; the side file repeats them, so a block
+#: edited after saving, or a side file from another checkpoint, is recognised.
+TENSOR_FIELDS = ("prefix_token_ids", "num_layers", "num_key_value_heads", "head_dim", "dtype", "layout")
 #: Names of the (non-persistent) buffers registered on every attention module,
 #: and the last part of each tensor's name in the checkpoint's side file
-#: (:data:`intactkv_modifier.sidecar.SIDECAR_PATH`).
+#: (:data:`intactkv_modifier.checkpoint.SIDE_FILE_PATH`).
 KEY_BUFFER = "intact_key"
 VALUE_BUFFER = "intact_value"
 
@@ -41,7 +47,7 @@ class IntactKVConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = FORMAT_VERSION
     prefix_token_ids: list[int] = Field(min_length=1)
     num_layers: int = Field(gt=0)
     num_key_value_heads: int = Field(gt=0)
@@ -52,6 +58,9 @@ class IntactKVConfig(BaseModel):
     #: KV-cache quantization the loader installs, as
     #: :meth:`~intactkv_modifier.kv_quant.settings.KVQuantSettings.to_config_value` writes it
     kv_cache: dict[str, Any] | None = None
+    #: sha256 of the side file's bytes, written last by a save; a version 2 block without it
+    #: comes from a save that did not finish, and the loader refuses it.
+    side_file_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
 
     @field_validator("prefix_token_ids")
     @classmethod
@@ -87,12 +96,20 @@ class IntactKVConfig(BaseModel):
         if not isinstance(value, dict):
             raise ValueError(f"`{CONFIG_KEY}` in config.json must be an object, got {type(value).__name__}")
         version = value.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
                 f"`{CONFIG_KEY}` has format_version {version!r}; this intactkv-modifier reads "
-                f"version {FORMAT_VERSION}. Upgrade intactkv-modifier to load this checkpoint."
+                f"versions {list(READABLE_VERSIONS)}. Upgrade intactkv-modifier to load this checkpoint."
             )
         return cls.model_validate(value)
 
     def to_config_value(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+    def tensor_fields(self) -> dict[str, Any]:
+        """What the side file must agree on with the block (see :data:`TENSOR_FIELDS`)."""
+        return self.model_dump(mode="json", include=set(TENSOR_FIELDS))
+
+    def unsealed(self) -> IntactKVConfig:
+        """The block a model carries in memory and re-saves: current version, no digest until the side file exists."""
+        return self.model_copy(update={"format_version": FORMAT_VERSION, "side_file_sha256": None})

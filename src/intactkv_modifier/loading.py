@@ -21,18 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.utils import cached_file
 
 from intactkv_modifier.architecture import attention_modules
+from intactkv_modifier.checkpoint import HubAccess, checkpoint_folder
 from intactkv_modifier.config import CONFIG_KEY
-from intactkv_modifier.sidecar import SIDECAR_PATH
 from intactkv_modifier.storage import config_of, load_intact_kv
 
 __all__ = ["install_loading_hook"]
 
 _MARK = "_intactkv_loading_hook"
 #: ``from_pretrained`` arguments that say where a hub checkpoint's files come from.
-_HUB_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+_HUB_ARGUMENTS = tuple(HubAccess.model_fields)
 
 
 def install_loading_hook() -> None:
@@ -51,7 +50,8 @@ def install_loading_hook() -> None:
         loaded = original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True adds a dict
         config = config_of(model)
-        if config is not None and _is_decoder_with_layers(model):
+        if config is not None:
+            _require_decoder_layers(model)
             load_intact_kv(model, config, _checkpoint_folder(pretrained_model_name_or_path, kwargs))
         return loaded
 
@@ -60,28 +60,23 @@ def install_loading_hook() -> None:
 
 
 def _checkpoint_folder(source: str | os.PathLike[str] | None, kwargs: dict[str, Any]) -> Path:
-    """The local folder holding the checkpoint: the one given, or the hub snapshot transformers downloaded to.
-
-    For a hub id the side file is fetched into that snapshot first; it is optional
-    there, since a checkpoint of the older layout keeps its tensors in the weight
-    files already downloaded.
-    """
+    """The local folder holding the checkpoint: the one given, or the hub snapshot, side file fetched into it."""
     if source is None:
         raise ValueError(
             f"The model's config carries `{CONFIG_KEY}`, but it was not loaded from a checkpoint folder, so there "
             "is no prefix K/V to read. Load it from its folder, or attach the prefix with `attach_intact_kv`."
         )
-    subfolder = kwargs.get("subfolder") or ""
-    if Path(source).is_dir():
-        return Path(source) / subfolder
-    hub = {name: kwargs[name] for name in _HUB_ARGUMENTS if name in kwargs}
-    cached_file(source, SIDECAR_PATH, _raise_exceptions_for_missing_entries=False, **hub)
-    return Path(cached_file(source, "config.json", **hub)).parent
+    access = HubAccess(**{name: kwargs[name] for name in _HUB_ARGUMENTS if kwargs.get(name) is not None})
+    return checkpoint_folder(source, access)
 
 
-def _is_decoder_with_layers(model: PreTrainedModel) -> bool:
-    """Sub-models built on the way (embeddings-only towers, vision encoders) are skipped."""
+def _require_decoder_layers(model: PreTrainedModel) -> None:
+    """A model whose config declares IntactKV but whose attention layers IntactKV cannot find must not load plain."""
     try:
-        return bool(attention_modules(model))
-    except TypeError:
-        return False
+        attention_modules(model)
+    except TypeError as error:
+        raise TypeError(
+            f"{type(model).__name__}: the checkpoint declares IntactKV (`{CONFIG_KEY}` in config.json), but {error} "
+            f"Load it with a decoder-only model class, or remove `{CONFIG_KEY}` from config.json to use it without "
+            "IntactKV."
+        ) from error

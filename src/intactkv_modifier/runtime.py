@@ -9,13 +9,23 @@ any cache class and with ``use_cache=False``, and costs nothing afterwards.
 A row gets the stored KV only when it provably starts with the prefix at
 positions ``0..P-1`` (left padding allowed); any other row runs unchanged, so a
 prompt IntactKV does not apply to is never answered wrongly.
+
+Everything that belongs to one call (the splice plan, which layers applied it)
+and the switches :func:`intact_kv_disabled` and
+:meth:`IntactKVRuntime.overridden` live in context variables, so threads (and
+asyncio tasks) that share one model never see each other's plan or switches.
+A thread started inside ``intact_kv_disabled`` does not inherit it (Python
+starts threads with an empty context); run it with ``contextvars.copy_context().run``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import itertools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,18 +67,35 @@ def splice_prefix(states: torch.Tensor, prefix: torch.Tensor, plan: SplicePlan) 
     return spliced
 
 
+@dataclass
+class _CallState:
+    """One prefill's plan, and the layers that have applied it (each must, once the decoder returns)."""
+
+    plan: SplicePlan
+    spliced: set[int] = field(default_factory=set)
+
+
 class _SplicingCache:
     """Stands in for ``past_key_values`` inside one attention call during a planned prefill."""
 
-    def __init__(self, inner: Any, prefix_key: torch.Tensor, prefix_value: torch.Tensor, plan: SplicePlan):
+    def __init__(
+        self,
+        inner: Any,
+        prefix_key: torch.Tensor,
+        prefix_value: torch.Tensor,
+        plan: SplicePlan,
+        on_update: Callable[[int], None],
+    ):
         self._inner = inner
         self._prefix_key = prefix_key
         self._prefix_value = prefix_value
         self._plan = plan
+        self._on_update = on_update
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._on_update(layer_idx)
         key_states = splice_prefix(key_states, self._prefix_key, self._plan)
         value_states = splice_prefix(value_states, self._prefix_value, self._plan)
         if self._inner is None:
@@ -81,6 +108,9 @@ class _SplicingCache:
         return getattr(self._inner, name)
 
 
+_RUNTIME_IDS = itertools.count()
+
+
 class IntactKVRuntime:
     """The hooks that make a model use its stored prefix K/V. One per decoder stack."""
 
@@ -88,20 +118,31 @@ class IntactKVRuntime:
 
     def __init__(self, decoder: torch.nn.Module, attentions: list[torch.nn.Module], prefix_token_ids: list[int]):
         self.prefix_token_ids = list(prefix_token_ids)
-        self._plan: SplicePlan | None = None
-        self._enabled = True
+        self._new_context_variables()
         self._kv_shape: tuple[int, int] | None = None
-        self._override: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._warned_unmatched = False
+        self._warned = False
         self._checked_buffers = False
         self._attentions = attentions
-        self._handles = [
-            decoder.register_forward_pre_hook(self._plan_prefill, with_kwargs=True),
-            decoder.register_forward_hook(self._end_forward, always_call=True),
-        ]
-        self._handles += [
-            attention.register_forward_pre_hook(self._wrap_cache, with_kwargs=True) for attention in attentions
-        ]
+        decoder.register_forward_pre_hook(self._plan_prefill, with_kwargs=True)
+        decoder.register_forward_hook(self._end_forward, always_call=True)
+        for attention in attentions:
+            attention.register_forward_pre_hook(self._wrap_cache, with_kwargs=True)
+
+    def _new_context_variables(self) -> None:
+        name = f"intactkv_runtime_{next(_RUNTIME_IDS)}"
+        self._call: ContextVar[_CallState | None] = ContextVar(f"{name}_call", default=None)
+        self._enabled: ContextVar[bool] = ContextVar(f"{name}_enabled", default=True)
+        self._override: ContextVar[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = ContextVar(
+            f"{name}_override", default=None
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> IntactKVRuntime:
+        """A copied model's hooks get a runtime of their own: the copy's layers, fresh per-call state."""
+        duplicate = copy.copy(self)
+        memo[id(self)] = duplicate
+        duplicate._attentions = copy.deepcopy(self._attentions, memo)
+        duplicate._new_context_variables()
+        return duplicate
 
     @classmethod
     def install(cls, model: torch.nn.Module, prefix_token_ids: list[int]) -> IntactKVRuntime:
@@ -123,11 +164,12 @@ class IntactKVRuntime:
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
-        enabled, self._enabled = self._enabled, False
+        """No splicing for calls made in this context (this thread or task) until the block ends."""
+        token = self._enabled.set(False)
         try:
             yield
         finally:
-            self._enabled = enabled
+            self._enabled.reset(token)
 
     @contextmanager
     def overridden(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
@@ -136,48 +178,63 @@ class IntactKVRuntime:
         Buffers of an offloaded model are copied on every access, so gradients
         could never reach them; these tensors are used as they are.
         """
-        previous, self._override = self._override, (keys, values)
+        token = self._override.set((keys, values))
         try:
             yield
         finally:
-            self._override = previous
+            self._override.reset(token)
 
     # hooks -----------------------------------------------------------------
 
     def _plan_prefill(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._plan = None
-        if not self._enabled:
+        self._call.set(None)
+        if not self._enabled.get():
             return
         past = kwargs.get("past_key_values")
         if past is not None and past.get_seq_length() > 0:
             return  # decoding: the prefix KV was spliced in at prefill and lives in the cache
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            self._warn_once("the model was called with inputs_embeds, which IntactKV cannot match to the prefix")
+            self._report("the model was called with inputs_embeds, which IntactKV cannot match to the prefix")
             return
         self._check_buffers()
         plan = self._match_rows(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
         unmatched = input_ids.shape[0] - len(plan.rows)
         if unmatched:
-            self._warn_once(
+            self._report(
                 f"{unmatched} of {input_ids.shape[0]} prompts do not start with the stored prefix "
                 f"{self.prefix_token_ids} at positions 0..{len(self.prefix_token_ids) - 1}; "
                 "they run without IntactKV"
             )
-        self._plan = plan if plan.rows else None
+        if plan.rows:
+            self._call.set(_CallState(plan))
 
     def _end_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._plan = None
+        state = self._call.get()
+        self._call.set(None)
+        if state is None or output is None:  # no plan, or the forward raised (its error is the one to see)
+            return
+        skipped = sorted({a.layer_idx for a in self._attentions} - state.spliced)
+        if skipped:
+            raise RuntimeError(
+                f"IntactKV: attention layers {skipped} never wrote their KV through the `past_key_values` argument, "
+                "so the stored prefix K/V were not applied to them; this architecture hands the cache to attention "
+                "in another way, which IntactKV does not support."
+            )
 
     def _wrap_cache(self, attention: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._plan is None:
+        state = self._call.get()
+        if state is None:
             return None
-        if self._override is not None:
-            keys, values = self._override
+        override = self._override.get()
+        if override is not None:
+            keys, values = override
             key, value = keys[attention.layer_idx], values[attention.layer_idx]
         else:
             key, value = getattr(attention, KEY_BUFFER), getattr(attention, VALUE_BUFFER)
-        kwargs["past_key_values"] = _SplicingCache(kwargs.get("past_key_values"), key, value, self._plan)
+        kwargs["past_key_values"] = _SplicingCache(
+            kwargs.get("past_key_values"), key, value, state.plan, state.spliced.add
+        )
         return args, kwargs
 
     # helpers ---------------------------------------------------------------
@@ -244,10 +301,13 @@ class IntactKVRuntime:
         heads, head_dim = self._kv_shape
         return (heads, len(self.prefix_token_ids), head_dim)
 
-    def _warn_once(self, message: str) -> None:
-        if not self._warned_unmatched:
-            logger.warning(f"IntactKV: {message}.")
-            self._warned_unmatched = True
+    def _report(self, message: str) -> None:
+        """Every call at DEBUG, so each one can be traced; the first of the model's life also at WARNING."""
+        if self._warned:
+            logger.debug(f"IntactKV: {message}.")
+        else:
+            self._warned = True
+            logger.warning(f"IntactKV: {message} (later calls report this at DEBUG level).")
 
 
 @contextmanager

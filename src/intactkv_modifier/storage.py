@@ -3,39 +3,42 @@
 The tensors live as non-persistent buffers of each attention module: they move
 with ``model.to(...)`` like any buffer, yet no ``state_dict`` (so no weight file,
 compressed or not) holds them, because weight loaders such as vLLM's reject
-tensors their model lacks. After every ``save_pretrained`` they are written to
-the side file :data:`~intactkv_modifier.sidecar.SIDECAR_PATH` and the config
-block to ``config.json`` (llm-compressor rewrites that file from the original
-model's config); :func:`load_intact_kv` reads them back.
+tensors their model lacks. ``save_pretrained`` is wrapped so that every save
+writes the side file and the sealed config block in the order
+:mod:`intactkv_modifier.checkpoint.folder` prescribes (and uploads only then,
+with ``push_to_hub=True``); :func:`load_intact_kv` reads them back.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import os
-import tempfile
+import types
 import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
-from loguru import logger
 from transformers import PreTrainedModel
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
 from intactkv_modifier.capture import PrefixKV
+from intactkv_modifier.checkpoint import forget_prefix, read_prefix_tensors, seal_prefix
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
 from intactkv_modifier.kv_quant.install import install_kv_quantization
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.runtime import IntactKVRuntime
-from intactkv_modifier.serving.checkpoint import read_prefix_tensors
-from intactkv_modifier.sidecar import SIDECAR_PATH, write_sidecar
 
-__all__ = ["attach_intact_kv", "config_of", "load_intact_kv", "prefix_kv_of", "write_config_block"]
+__all__ = ["attach_intact_kv", "config_of", "load_intact_kv", "prefix_kv_of"]
 
-_SAVES_PREFIX = "_intactkv_saves_prefix"
+#: ``save_pretrained`` arguments that belong to the upload, which happens after the side file is written.
+_UPLOAD_ARGUMENTS = ("commit_message", "commit_description", "repo_id", "create_pr", "private", "revision")
+#: Set while the outermost IntactKV save runs, so that a save it calls through (llm-compressor's
+#: wrapper around an earlier IntactKV one) leaves the side file to it.
+_SAVING: ContextVar[bool] = ContextVar("intactkv_saving", default=False)
 
 
 def config_for(model: PreTrainedModel, prefix_token_ids: list[int], dtype: torch.dtype) -> IntactKVConfig:
@@ -83,11 +86,6 @@ def load_intact_kv(model: PreTrainedModel, config: IntactKVConfig, checkpoint_di
     """
     attentions = _checked_attentions(model, config)
     stored = read_prefix_tensors(checkpoint_dir, config)
-    if stored.source != Path(checkpoint_dir) / SIDECAR_PATH:
-        logger.warning(
-            f"IntactKV: {checkpoint_dir} keeps its prefix K/V in its weight files (the layout before "
-            f"{SIDECAR_PATH}); they are applied, but vLLM refuses such a checkpoint: save it again to move them."
-        )
     dtype = model.dtype
     _register_buffers(
         attentions,
@@ -112,17 +110,6 @@ def prefix_kv_of(model: PreTrainedModel) -> PrefixKV:
         keys=[getattr(a, KEY_BUFFER) for a in attentions],
         values=[getattr(a, VALUE_BUFFER) for a in attentions],
     )
-
-
-def write_config_block(save_directory: str | os.PathLike[str], block: dict[str, Any]) -> None:
-    """Add the block to ``config.json`` atomically: a crash leaves the old file, never half a file."""
-    path = Path(save_directory) / "config.json"
-    config = json.loads(path.read_text())
-    config[CONFIG_KEY] = block
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def _checked_attentions(model: PreTrainedModel, config: IntactKVConfig) -> list[torch.nn.Module]:
@@ -173,7 +160,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 def _install(model: PreTrainedModel, config: IntactKVConfig) -> None:
     """The block on the model's config, the splicing hooks, the KV-cache quantization the block names,
     and the save wrapper: what every IntactKV model has."""
-    setattr(model.config, CONFIG_KEY, config.to_config_value())
+    setattr(model.config, CONFIG_KEY, config.unsealed().to_config_value())
     IntactKVRuntime.install(model, config.prefix_token_ids)
     if config.kv_cache is not None:
         try:
@@ -185,29 +172,96 @@ def _install(model: PreTrainedModel, config: IntactKVConfig) -> None:
 
 
 def _save_prefix_with_model(model: PreTrainedModel) -> None:
-    """Wrap ``save_pretrained`` (plain or llm-compressor's) so the side file and the block join the checkpoint."""
-    save = model.save_pretrained
-    if getattr(save, _SAVES_PREFIX, False):
-        return
-    model_ref = weakref.ref(model)
-
-    @functools.wraps(save)
-    def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-        result = save(save_directory, *args, **kwargs)
-        owner = model_ref()
-        if owner is not None and kwargs.get("is_main_process", True):
-            _write_prefix(owner, Path(save_directory))
-        return result
-
-    setattr(save_pretrained, _SAVES_PREFIX, True)
-    model.save_pretrained = save_pretrained
+    """Make ``model.save_pretrained`` (plain or llm-compressor's) the outermost IntactKV save."""
+    if not isinstance(vars(model).get("save_pretrained"), PrefixSavingSave):
+        model.save_pretrained = PrefixSavingSave(model, model.save_pretrained)
 
 
-def _write_prefix(model: PreTrainedModel, directory: Path) -> None:
-    """The side file, then the block: llm-compressor rewrites config.json from the original model's config."""
-    config = config_of(model)
-    if config is None or not (directory / "config.json").exists():
-        return
-    prefix_kv = prefix_kv_of(model)
-    write_sidecar(directory, prefix_kv.keys, prefix_kv.values, config.torch_dtype)
-    write_config_block(directory, config.to_config_value())
+class PrefixSavingSave:
+    """``save_pretrained`` of an IntactKV model: the save it wraps, with the side file and sealed block around it.
+
+    It passes for the bound method it replaces (``__self__``, ``__func__``),
+    because llm-compressor's ``modify_save_pretrained`` re-binds the method it
+    wraps, and ``copy.deepcopy`` of the model gives the copy a save of its own
+    prefix, not of the original's.
+    """
+
+    def __init__(self, model: PreTrainedModel, inner: Callable[..., Any]):
+        functools.update_wrapper(self, inner)
+        self._model = weakref.ref(model)
+        self._inner = inner
+
+    @property
+    def __self__(self) -> PreTrainedModel:
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the model this save_pretrained belonged to no longer exists")
+        return model
+
+    @property
+    def __func__(self) -> Callable[..., Any]:
+        inner = self._inner
+
+        @functools.wraps(inner)
+        def save_pretrained(model: PreTrainedModel, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any):
+            return _save_with_prefix(model, inner, save_directory, *args, **kwargs)
+
+        return save_pretrained
+
+    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        return _save_with_prefix(self.__self__, self._inner, save_directory, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PrefixSavingSave:
+        original = self.__self__
+        duplicate = copy.deepcopy(original, memo)
+        inner = self._inner
+        if getattr(inner, "__self__", None) is original:  # the class's save, bound to the original: re-bind it
+            inner = types.MethodType(inner.__func__, duplicate)  # type: ignore[attr-defined]
+        return PrefixSavingSave(duplicate, inner)
+
+
+def _save_with_prefix(
+    model: PreTrainedModel, inner: Callable[..., Any], save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
+) -> Any:
+    """Old side file out, weights and config.json in, then the side file and the sealed block, then the upload."""
+    if _SAVING.get():
+        return inner(save_directory, *args, **kwargs)
+    push_to_hub = bool(kwargs.pop("push_to_hub", False))
+    upload = {name: kwargs.pop(name) for name in _UPLOAD_ARGUMENTS if name in kwargs}
+    main_process = kwargs.get("is_main_process", True)
+    directory = Path(save_directory)
+    saving = _SAVING.set(True)
+    try:
+        if main_process:
+            forget_prefix(directory)
+        result = inner(save_directory, *args, **kwargs)
+        config = config_of(model)
+        if main_process and config is not None and (directory / "config.json").exists():
+            prefix_kv = prefix_kv_of(model)
+            seal_prefix(directory, config, prefix_kv.keys, prefix_kv.values)
+    finally:
+        _SAVING.reset(saving)
+    if push_to_hub and main_process:
+        _upload(directory, kwargs.get("token"), upload)
+    return result
+
+
+def _upload(directory: Path, token: bool | str | None, upload: dict[str, Any]) -> None:
+    """The whole finished folder, side file included, in one commit (transformers' own upload runs too early)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    repo_id = upload.get("repo_id") or directory.name
+    repo_id = api.create_repo(repo_id, exist_ok=True, private=upload.get("private")).repo_id
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    api.create_commit(
+        repo_id=repo_id,
+        operations=[
+            CommitOperationAdd(path_in_repo=path.relative_to(directory).as_posix(), path_or_fileobj=str(path))
+            for path in files
+        ],
+        commit_message=upload.get("commit_message") or "Upload model",
+        commit_description=upload.get("commit_description"),
+        create_pr=upload.get("create_pr", False),
+        revision=upload.get("revision"),
+    )

@@ -2,9 +2,9 @@
 
 Split so that the logic is tested without vLLM and importing it never needs vLLM:
 
-- :mod:`.checkpoint`, :mod:`.matching`, :mod:`.paged`: reading the block and the
-  prefix tensors from a checkpoint folder, deciding which prefix positions a
-  request gets, and placing per-layer ``[kv_heads, P, head_dim]`` tensors into
+- :mod:`intactkv_modifier.checkpoint` (re-exported here), :mod:`.matching`,
+  :mod:`.paged`: reading the block and the prefix tensors from a checkpoint
+  folder, deciding which prefix positions a request gets, and placing per-layer ``[kv_heads, P, head_dim]`` tensors into
   vLLM's paged cache (tensor-parallel head split included). Plain torch.
 - :mod:`.vllm_plugin`: the ``vllm.general_plugins`` entry point; imports vLLM
   only when vLLM calls it.
@@ -14,8 +14,8 @@ Split so that the logic is tested without vLLM and importing it never needs vLLM
 docs/serving.md explains the choice of vLLM extension point.
 """
 
-from intactkv_modifier.serving.checkpoint import (
-    SIDECAR_PATH,
+from intactkv_modifier.checkpoint import (
+    SIDE_FILE_PATH,
     StoredPrefix,
     prefix_tensors_in_weight_files,
     read_config_block,
@@ -34,7 +34,7 @@ from intactkv_modifier.serving.paged import (
 )
 
 __all__ = [
-    "SIDECAR_PATH",
+    "SIDE_FILE_PATH",
     "PrefixLoad",
     "SlotIndices",
     "StoredPrefix",

@@ -16,7 +16,6 @@ Everything that decides *what* goes *where* lives in the vLLM-free modules
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,8 +27,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from intactkv_modifier.checkpoint import checkpoint_folder, read_prefix
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
-from intactkv_modifier.serving.checkpoint import read_prefix
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
 from intactkv_modifier.serving.paged import (
     PrefixLoad,
@@ -40,10 +39,10 @@ from intactkv_modifier.serving.paged import (
     slot_indices,
     write_prefix,
 )
-from intactkv_modifier.sidecar import SIDECAR_PATH
+from intactkv_modifier.serving.vllm_plugin import hub_access
 
 if TYPE_CHECKING:
-    from vllm.config import ModelConfig, VllmConfig
+    from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.block_pool import BlockPool
@@ -139,7 +138,7 @@ class IntactKVConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         model_config = self._vllm_config.model_config
-        stored = read_prefix(_checkpoint_dir(model_config))
+        stored = read_prefix(checkpoint_folder(model_config.model, hub_access(self._vllm_config)))
         if stored is None or stored.config != self._config:
             raise ValueError(
                 f"the `{CONFIG_KEY}` block next to the stored prefix of {model_config.model} differs from the one in "
@@ -199,14 +198,3 @@ def _needs_every_prompt_position(request: Request) -> bool:
     """Prompt logprobs and pooling read outputs at every prompt position, which loaded positions lack."""
     sampling = request.sampling_params
     return request.pooling_params is not None or (sampling is not None and sampling.prompt_logprobs is not None)
-
-
-def _checkpoint_dir(model_config: ModelConfig) -> Path:
-    """The served folder, or for a hub model the cached snapshot with its config and prefix file."""
-    path = Path(model_config.model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    files = ["config.json", SIDECAR_PATH]
-    return Path(snapshot_download(model_config.model, revision=model_config.revision, allow_patterns=files))

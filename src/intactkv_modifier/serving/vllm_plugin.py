@@ -6,7 +6,13 @@ every process it starts, with no arguments and before it knows the model. So
 and ``LLM(...)`` both go through); the wrapper, which does see the model, adds
 the IntactKV KV connector (:mod:`intactkv_modifier.serving.vllm_connector`) to
 the engine arguments when the model's config.json carries ``intactkv_config``,
-and for any other model logs at debug level and changes nothing.
+and for any other model logs at debug level and changes nothing. The config is
+read with the engine's own ``revision``, ``hf_token`` and ``download_dir``; when
+it cannot be read at all (network, gated repository, an ``s3://`` source), the
+plugin cannot know whether the model declares IntactKV and stops vLLM with the
+reason, unless :data:`ALLOW_PLAIN_ENV` is set, which serves without IntactKV
+after a warning. LoRA adapters are refused on IntactKV checkpoints: an adapter
+on ``k_proj``/``v_proj`` changes the prefix's K/V, which the stored ones are not.
 
 vLLM is imported only inside :func:`register`, so importing this module (or the
 package) never needs vLLM. vLLM's own ``VLLM_PLUGINS`` allow-list turns the
@@ -16,17 +22,35 @@ plugin off (``VLLM_PLUGINS=""`` loads no general plugin).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from loguru import logger
 
+from intactkv_modifier.checkpoint import (
+    SIDE_FILE_PATH,
+    HubAccess,
+    checkpoint_folder,
+    prefix_tensors_in_weight_files,
+    read_config_block,
+    read_prefix_tensors,
+)
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
-from intactkv_modifier.serving.checkpoint import prefix_tensors_in_weight_files, read_config_block
-from intactkv_modifier.sidecar import SIDECAR_PATH
 
-__all__ = ["CONNECTOR_CLASS", "CONNECTOR_MODULE", "ConnectorDecision", "decide_connector", "register"]
+__all__ = [
+    "ALLOW_PLAIN_ENV",
+    "CONNECTOR_CLASS",
+    "CONNECTOR_MODULE",
+    "ConnectorDecision",
+    "decide_connector",
+    "hub_access",
+    "register",
+]
+
+#: Set to 1 to serve a model whose config.json cannot be read as plain vLLM (with a warning) instead of failing.
+ALLOW_PLAIN_ENV = "INTACTKV_ALLOW_PLAIN_SERVING"
 
 CONNECTOR_CLASS = "IntactKVConnector"
 CONNECTOR_MODULE = "intactkv_modifier.serving.vllm_connector"
@@ -53,15 +77,23 @@ def decide_connector(
     kv_cache_dtype: str,
     kv_connector: str | None,
     kv_offloading_size: float | None,
+    enable_lora: bool = False,
 ) -> ConnectorDecision:
     """Pure decision, so every case is tested without vLLM.
 
     Anything that would make vLLM behave differently from its plain self for a
     model without the block is excluded first; a model with the block but a
-    setting IntactKV cannot honour is served as plain vLLM, with a warning.
+    setting IntactKV cannot honour is served as plain vLLM, with a warning;
+    LoRA, which would pair adapted weights with the base model's prefix K/V, is refused.
     """
     if block is None:
         return ConnectorDecision(False, "DEBUG", f"IntactKV: {model} has no `{CONFIG_KEY}`; vLLM runs unchanged")
+    if enable_lora:
+        raise ValueError(
+            f"IntactKV: {model} stores the prefix K/V of its base weights, and a LoRA adapter on k_proj/v_proj would "
+            "change them, so LoRA is not supported on IntactKV checkpoints. Serve it without --enable-lora, or "
+            f"serve plain vLLM (VLLM_PLUGINS='', or remove `{CONFIG_KEY}` from config.json)."
+        )
     if kv_connector == CONNECTOR_CLASS:
         return ConnectorDecision(False, "INFO", f"IntactKV: the KV connector for {model} is already configured")
     if kv_connector is not None or kv_offloading_size is not None:
@@ -108,46 +140,73 @@ def register() -> None:
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
 
 
+def hub_access(vllm_config: Any) -> HubAccess:
+    """Where the engine reads its model from: the same revision, token and download folder for our files."""
+    model_config = vllm_config.model_config
+    return HubAccess(
+        revision=model_config.revision,
+        token=getattr(model_config, "hf_token", None),
+        cache_dir=vllm_config.load_config.download_dir,
+    )
+
+
 def _configure(engine_args: Any) -> None:
     """Add the IntactKV connector to ``engine_args`` when its model carries the block."""
     from vllm.config import KVTransferConfig
 
     model = engine_args.hf_config_path or engine_args.model
+    access = HubAccess(
+        revision=engine_args.revision,
+        token=getattr(engine_args, "hf_token", None),
+        cache_dir=engine_args.download_dir,
+    )
+    folder = _local_folder(model, access)
+    block = None if folder is None or not (folder / "config.json").is_file() else read_config_block(folder)
     transfer = engine_args.kv_transfer_config
     decision = decide_connector(
         model=model,
-        block=_config_block(model, engine_args.revision),
+        block=block,
         kv_cache_dtype=str(engine_args.kv_cache_dtype),
         kv_connector=None if transfer is None else transfer.kv_connector,
         kv_offloading_size=getattr(engine_args, "kv_offloading_size", None),
+        enable_lora=bool(getattr(engine_args, "enable_lora", False)),
     )
     logger.log(decision.level, decision.message)
     if not decision.inject:
         return
-    if Path(model).is_dir() and (holding := prefix_tensors_in_weight_files(model)):
+    assert folder is not None and block is not None
+    if holding := prefix_tensors_in_weight_files(folder):
         raise ValueError(
             f"{model}: {holding} hold the IntactKV prefix tensors (`...self_attn.intact_key/intact_value`), which "
             "vLLM's weight loader rejects as unknown parameters. Re-export the checkpoint with an intactkv-modifier "
-            f"that stores them in {SIDECAR_PATH}."
+            f"that stores them in {SIDE_FILE_PATH}."
         )
+    read_prefix_tensors(folder, block)  # fail here, with the reason, rather than in every worker
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both"
     )
 
 
-def _config_block(model: str, revision: str | None) -> IntactKVConfig | None:
-    """The block of a local folder or a hub model; ``None`` for anything that has no config.json to read."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+def _local_folder(model: str, access: HubAccess) -> Path | None:
+    """The folder with the model's config.json; ``None`` where there is no config.json to read.
 
-    path = Path(model)
-    if path.is_dir():
-        return read_config_block(path) if (path / "config.json").is_file() else None
-    if path.exists():
+    A failure to reach the files is not "no IntactKV": the model might declare
+    it. So it stops vLLM, unless :data:`ALLOW_PLAIN_ENV` says to serve plain.
+    """
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    if Path(model).is_file():
         return None  # a single weights file (GGUF): no config.json of ours
     try:
-        config_file = hf_hub_download(model, "config.json", revision=revision)
-    except (OSError, ValueError, EntryNotFoundError) as error:
-        logger.debug(f"IntactKV: cannot read config.json of {model} ({error}); vLLM runs unchanged")
-        return None
-    return read_config_block(Path(config_file).parent)
+        return checkpoint_folder(model, access)
+    except RemoteEntryNotFoundError:
+        return None  # a hub repository without config.json (GGUF)
+    except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
+        reason = f"IntactKV: cannot read config.json of {model} to learn whether it declares IntactKV ({error})"
+        if os.environ.get(ALLOW_PLAIN_ENV) == "1":
+            logger.warning(f"{reason}; serving WITHOUT IntactKV because {ALLOW_PLAIN_ENV}=1.")
+            return None
+        raise RuntimeError(
+            f"{reason}. Fix the access (revision, --hf-token, network), or set {ALLOW_PLAIN_ENV}=1 to serve it "
+            "without IntactKV, or VLLM_PLUGINS='' to turn the plugin off."
+        ) from error
