@@ -39,6 +39,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from intactkv_modifier.architecture import kv_geometry, text_config
+from intactkv_modifier.kv_quant.attention import PackedPast, PackedRows, attach_packed_past, uses_packed_attention
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import TokenStream
 
@@ -62,6 +63,9 @@ class _RowGroup:
 class KeyFavoredQuantizedLayer(CacheLayerMixin):
     """One decoder layer's quantized K/V; see the module docstring for the layout.
 
+    :param packed_attention: hand attention the stored past as it is (packed,
+        :mod:`~intactkv_modifier.kv_quant.attention`) instead of dequantizing it;
+        only the packed attention implementation can read that
     :param sliding_window: for a sliding-window layer, the window (the query and
         the ``sliding_window - 1`` tokens before it): attention then reads exactly
         the tokens transformers' ``DynamicSlidingWindowLayer`` keeps, with the same
@@ -77,8 +81,10 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
         value_settings: TensorQuantSettings,
         residual_length: int,
         sliding_window: int | None = None,
+        packed_attention: bool = False,
     ):
         super().__init__()
+        self.packed_attention = packed_attention
         self.key_settings = key_settings
         self.value_settings = value_settings
         self.residual_length = residual_length
@@ -123,7 +129,10 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new states; return the attended past (dequantized) followed by the exact new states."""
+        """Store the new states; return the attended past (dequantized) followed by the exact new states.
+
+        In packed mode, after the first call: the exact new states, the first carrying the stored past.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.num_rows:
@@ -131,10 +140,18 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
                 f"the cache holds {self.num_rows} rows but received states for {key_states.shape[0]}; "
                 "a quantized cache serves one batch from prefill to the end of decoding"
             )
-        keys, values = self._gather("keys", then=key_states), self._gather("values", then=value_states)
+        single = len(self._groups) == 1
+        if self.packed_attention and self.cumulative_length > 0:
+            start = self.first_attended_slot()
+            past = PackedPast([
+                PackedRows(None if single else group.rows, group.keys.segments(start), group.values.segments(start))
+                for group in self._groups
+            ])
+            keys, values = attach_packed_past(key_states, past), value_states
+        else:
+            keys, values = self._gather("keys", then=key_states), self._gather("values", then=value_states)
         self.cumulative_length += key_states.shape[-2]
         keep_from = self.first_attended_slot()
-        single = len(self._groups) == 1
         for group in self._groups:
             group.keys.append(key_states if single else key_states.index_select(0, group.rows), keep_from)
             group.values.append(value_states if single else value_states.index_select(0, group.rows), keep_from)
@@ -242,6 +259,10 @@ class KeyFavoredQuantizedCache(Cache):
         quantization group and each row's blocks start at its own first token.
         Left unset, slot 0 is every row's start: then, for a left-padded batch, set
         ``full_precision_prefix = max(row start) + prefix length`` instead.
+    :param packed_attention: attention reads the packed codes, without a
+        dequantized copy of the past; by default when the model runs the packed
+        attention implementation (what :func:`~intactkv_modifier.kv_quant.install_kv_quantization`
+        installs), and ``False`` gives the reference path (dequantize, then the base attention)
 
     Both are settable attributes while the cache is empty (before prefill).
     """
@@ -252,6 +273,7 @@ class KeyFavoredQuantizedCache(Cache):
         settings: KVQuantSettings,
         full_precision_prefix: int = 0,
         left_padding: Sequence[int] | None = None,
+        packed_attention: bool | None = None,
     ):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config(config))
         unsupported = sorted(set(layer_types) - set(_WINDOW_OF_LAYER_TYPE))
@@ -267,6 +289,7 @@ class KeyFavoredQuantizedCache(Cache):
                 *settings.for_layer(index),
                 settings.residual_length,
                 sliding_window=_WINDOW_OF_LAYER_TYPE[layer_type](layer_kwargs),
+                packed_attention=uses_packed_attention(config) if packed_attention is None else packed_attention,
             )
             for index, layer_type in zip(range(geometry.num_layers), layer_types)
         ]

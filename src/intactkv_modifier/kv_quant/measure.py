@@ -20,7 +20,7 @@ from intactkv_modifier.architecture import attention_modules
 from intactkv_modifier.kv_quant.cache import KeyFavoredQuantizedCache
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 
-__all__ = ["AttentionInputs", "attention_inputs", "attention_output_error"]
+__all__ = ["AttentionInputs", "attention_inputs", "attention_output", "attention_output_error"]
 
 #: What one attention layer receives: hidden states and the (cos, sin) position embeddings
 AttentionInputs = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
@@ -64,22 +64,22 @@ def attention_output_error(
     themselves (exact), as decoding after a prompt of ``context`` tokens would.
     ``inputs`` comes from :func:`attention_inputs`.
     """
-    attention = attention_modules(model)[layer_idx]
-    hidden, position_embeddings = inputs[layer_idx]
-    exact = _attend(attention, hidden, position_embeddings, context, DynamicCache(config=model.config))
+    exact = attention_output(model, inputs, layer_idx, DynamicCache(config=model.config), context)
     quantized_cache = KeyFavoredQuantizedCache(model.config, settings, full_precision_prefix=full_precision_prefix)
-    approx = _attend(attention, hidden, position_embeddings, context, quantized_cache)
+    approx = attention_output(model, inputs, layer_idx, quantized_cache, context)
     return float((approx.float() - exact.float()).norm() / exact.float().norm())
 
 
-def _attend(
-    attention: torch.nn.Module,
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, ...],
-    context: int,
-    cache: Cache,
+@torch.no_grad()
+def attention_output(
+    model: PreTrainedModel, inputs: list[AttentionInputs], layer_idx: int, cache: Cache, context: int
 ) -> torch.Tensor:
-    """Run the layer on the context (filling the cache), then on the rest; the rest's output."""
+    """Layer ``layer_idx``'s attention run on the context (filling ``cache``), then on the rest; the rest's output.
+
+    Only the cache (and how attention reads it) varies between calls on the same ``inputs``.
+    """
+    attention = attention_modules(model)[layer_idx]
+    hidden, position_embeddings = inputs[layer_idx]
     length = hidden.shape[1]
     for start, stop in ((0, context), (context, length)):
         output, _ = attention(
