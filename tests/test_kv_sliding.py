@@ -117,3 +117,20 @@ def test_left_padded_generate_matches_unbatched_and_the_fp_cache(tiny_model_dirs
     for index, row in enumerate(rows):
         single = model.generate(input_ids=torch.tensor([row]), **kwargs).sequences
         assert batched[index, -kwargs["max_new_tokens"] :].tolist() == single[0, -kwargs["max_new_tokens"] :].tolist()
+
+
+def test_nbytes_is_every_byte_the_cache_keeps_alive(tiny_model_dirs):
+    """No view into a larger storage survives an update (forgotten or quantized tokens would hide there)."""
+    model = load(tiny_model_dirs["gemma3"])
+    ids = torch.tensor(_prompts(load_tokenizer(tiny_model_dirs["gemma3"]), (LENGTH - 1,)))
+    cache = KeyFavoredQuantizedCache(model.config, KVQuantSettings.from_bits(4, 2, **SMALL))
+    _logits_through_cache(model, ids, cache, prefill=4)
+
+    storages = {}
+    for layer in cache.layers:
+        for group in layer._groups:
+            for stream in (group.keys, group.values):
+                quantized = stream.quantized
+                parts = [stream.prefix, stream.residual, quantized.codes, quantized.scale, quantized.minimum]
+                storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts})
+    assert cache.nbytes == sum(storages.values())

@@ -161,7 +161,10 @@ def install_kv_quantization(
         return existing
     hook = KVQuantization(model, settings, full_precision_prefix, packed_attention)
     object.__setattr__(decoder_stack(model), KVQuantization.ATTRIBUTE, hook)
-    logger.info(f"KV-cache quantization: {settings.label()}, residual {settings.residual_length} tokens")
+    logger.info(
+        f"KV-cache quantization: {settings.label()}; the prefix and up to the newest "
+        f"{settings.full_precision_tokens()} tokens of each layer stay in full precision"
+    )
     return hook
 
 
