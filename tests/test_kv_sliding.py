@@ -11,6 +11,7 @@ from intactkv_modifier import attach_intact_kv, capture_prefix_kv
 from intactkv_modifier.architecture import attention_modules
 from intactkv_modifier.config import KEY_BUFFER
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings, install_kv_quantization
+from intactkv_modifier.kv_quant.measure import attention_inputs, attention_output, attention_output_error
 
 #: prompts and generations run to 2.5 windows, so the sliding layer forgets most of what it saw
 LENGTH = 5 * GEMMA3_SLIDING_WINDOW // 2
@@ -134,3 +135,26 @@ def test_nbytes_is_every_byte_the_cache_keeps_alive(tiny_model_dirs):
                 parts = [stream.prefix, stream.residual, quantized.codes, quantized.scale, quantized.minimum]
                 storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts})
     assert cache.nbytes == sum(storages.values())
+
+
+def test_attention_error_is_measured_on_sliding_layers_beyond_the_window(tiny_model_dirs):
+    """measure.py runs each layer with the mask the model would build: the window on sliding layers."""
+    model = load(tiny_model_dirs["gemma3"])
+    inputs = attention_inputs(model, torch.tensor(_prompts(load_tokenizer(tiny_model_dirs["gemma3"]), (LENGTH - 1,))))
+    for layer in range(2):
+        exact = attention_output(model, inputs, layer, DynamicCache(config=model.config), context=30)
+        full_forward = model.model.layers[layer].self_attn(
+            hidden_states=inputs[layer][0], position_embeddings=inputs[layer][1],
+            attention_mask=_full_mask(LENGTH, GEMMA3_SLIDING_WINDOW if layer == 0 else None),
+        )[0][:, 30:]
+        torch.testing.assert_close(exact, full_forward, rtol=1e-5, atol=1e-5)
+        eight = attention_output_error(model, inputs, layer, KVQuantSettings.from_bits(8, 8, **SMALL), context=30)
+        assert 0 < eight < 0.01
+
+
+def _full_mask(length: int, window: int | None) -> torch.Tensor:
+    positions = torch.arange(length)
+    allowed = positions[None, :] <= positions[:, None]
+    if window is not None:
+        allowed &= positions[None, :] > positions[:, None] - window
+    return torch.zeros(length, length).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]

@@ -80,20 +80,31 @@ def attention_output(
     """
     attention = attention_modules(model)[layer_idx]
     hidden, position_embeddings = inputs[layer_idx]
+    window = getattr(attention, "sliding_window", None)
     length = hidden.shape[1]
     for start, stop in ((0, context), (context, length)):
+        kv_length, kv_offset = cache.get_mask_sizes(stop - start, layer_idx)
         output, _ = attention(
             hidden_states=hidden[:, start:stop],
             position_embeddings=tuple(t[:, start:stop] for t in position_embeddings),
-            attention_mask=_causal_mask(stop - start, stop, hidden.dtype, hidden.device),
+            attention_mask=_causal_mask(start, stop, kv_offset, kv_length, window, hidden),
             past_key_values=cache,
         )
     return output
 
 
-def _causal_mask(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive ``[1, 1, queries, keys]`` mask for the last ``queries`` of ``keys`` positions."""
-    offset = keys - queries
-    allowed = torch.arange(keys, device=device)[None, :] <= torch.arange(queries, device=device)[:, None] + offset
-    mask = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+def _causal_mask(
+    start: int, stop: int, kv_offset: int, kv_length: int, window: int | None, like: torch.Tensor
+) -> torch.Tensor:
+    """Additive ``[1, 1, queries, keys]`` mask of queries ``start..stop-1`` over the keys the cache returns.
+
+    The keys are positions ``kv_offset ..`` (a sliding-window cache returns only its window); a
+    sliding-window layer also masks keys ``window`` or more positions back, as transformers does.
+    """
+    queries = torch.arange(start, stop, device=like.device)[:, None]
+    keys = torch.arange(kv_offset, kv_offset + kv_length, device=like.device)[None, :]
+    allowed = keys <= queries
+    if window is not None:
+        allowed &= keys > queries - window
+    mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+    return mask.masked_fill_(~allowed, torch.finfo(like.dtype).min)[None, None]
