@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, PretrainedConfig
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from intactkv_modifier.kv_quant.packed_ops import key_scores, weighted_values
@@ -84,7 +84,9 @@ def packed_implementation(base: str) -> str:
     name = _PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, packed_attention)
-        AttentionMaskInterface.register(name, eager_mask)  # additive float masks: what both bases accept
+        # the base's own masks (sdpa: boolean, or none at all for a plain causal prefill, never a float
+        # context x context matrix), so that the calls the base runs are exactly as without this path
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 
 
@@ -142,7 +144,9 @@ def _attend(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.unflatten(2, (group, queries))
-    scores = scores + (_causal_mask(queries, scores.shape[-1], scores) if mask is None else mask.unsqueeze(2))
+    mask = _causal_mask(queries, scores.shape[-1], scores) if mask is None else mask.unsqueeze(2)
+    boolean = mask.dtype == torch.bool  # sdpa's masks say where to attend, eager's what to add
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if boolean else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).flatten(2, 3)
     weights = probs.split([segment_tokens(segment) for segment in values], dim=-1)
     output = reduce(operator.add, (weighted_values(w, segment) for w, segment in zip(weights, values)))
