@@ -140,3 +140,21 @@ def test_install_switches_the_attention_implementation_and_removal_restores_it(t
     assert model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="over eager or sdpa"):
         packed_implementation("flash_attention_2")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_packed_path_matches_the_reference_on_cuda_in_bfloat16(tiny_model_dirs, architecture):
+    """The same algebra on the GPU, in the dtype models decode in there; bfloat16 rounding: 2% of the largest logit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = load(tiny_model_dirs[architecture]).to("cuda", torch.bfloat16)
+    model.set_attn_implementation(packed_implementation("sdpa"))
+    ids, mask = left_pad(_prompts(load_tokenizer(tiny_model_dirs[architecture]), (30, 39)), 0)
+    settings = KVQuantSettings.from_bits(4, 2, **SMALL)
+    logits = [
+        _chunked_logits(model, ids.cuda(), mask.cuda(),
+                        KeyFavoredQuantizedCache(model.config, settings, 1, [9, 0], packed_attention=packed)).float()
+        for packed in (True, False)
+    ]
+    assert _relative(*logits) < 0.02
