@@ -159,7 +159,7 @@ def perplexity_rows(
 
 @contextmanager
 def timed_cache_updates() -> Iterator[list[float]]:
-    """Seconds spent inside the quantized layers' ``update`` (store + dequantize the past), call by call."""
+    """Seconds spent inside the quantized layers' ``update`` (store; on the reference path also dequantize the past)."""
     spent: list[float] = []
     original = KeyFavoredQuantizedLayer.update
 
@@ -337,7 +337,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['decode_tokens']} new tokens; FP and quantized alternate, {result['decode_repeats']} rounds, "
         "each time the fastest (FP pooled over all rows). "
         "\"time in cache updates\" "
-        "is the median share of a quantized generate spent in the cache's `update` (store, dequantize the past), "
+        "is the median share of a quantized generate spent in the cache's `update` (store the new tokens; the "
+        "packed attention path reads the past without dequantizing it), "
         "timed on the CPU side (meaningless for an asynchronous GPU).",
         "",
         "| KV cache | FP cache tokens/s | quantized tokens/s | ratio | time in cache updates |",

@@ -31,6 +31,16 @@ def test_settings_round_trip_through_json():
     assert KVQuantSettings().label() == "K4V2"
 
 
+def test_label_names_windows_that_delay_quantization():
+    """A K4V2 cache with 256-token groups quantizes nothing below 288 tokens: the label says so."""
+    assert KVQuantSettings.from_bits(4, 2, group_size=256, residual_length=32).label() == "K4V2 g256 r32"
+    assert KVQuantSettings.from_bits(2, 2, group_size=32, residual_length=128).label() == "K2V2 g32 r128"
+    mixed_groups = KVQuantSettings(values=TensorQuantSettings(bits=2, granularity="per_token", group_size=64))
+    assert mixed_groups.label() == "K4V2 g32/g64 r32"
+    assert KVQuantSettings.from_bits(4, 2, group_size=256, residual_length=32).full_precision_tokens() == 287
+    assert KVQuantSettings().full_precision_tokens() == 63
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -38,6 +48,8 @@ def test_settings_round_trip_through_json():
         {"values": {"bits": 2, "granularity": "per_head"}},
         {"keys": {"bits": 4, "granularity": "per_channel", "group_size": 0}},
         {"residual_length": -1},
+        {"residual_length": 1025},
+        {"keys": {"bits": 4, "granularity": "per_channel", "group_size": 512}},
         {"layer_bits": []},
         {"kv_bits": 4},
     ],

@@ -23,8 +23,8 @@ from intactkv_modifier.kv_quant import (
     quantized_bytes_per_token,
     remove_kv_quantization,
 )
-from intactkv_modifier.kv_quant.cache import quantizable_tokens
 from intactkv_modifier.kv_quant.packing import pack, unpack
+from intactkv_modifier.kv_quant.stream import quantizable_tokens
 
 BITS = (2, 3, 4, 8)
 GRANULARITIES = ("per_channel", "per_token")

@@ -19,8 +19,10 @@ def _prompt() -> torch.Tensor:
     return torch.tensor([[BOS, *range(10, 40)]])
 
 
-def test_recipe_kv_cache_is_installed_saved_and_reapplied_on_load(tiny_model_dirs, tmp_path):
-    model = quantize(tiny_model_dirs["llama"], [gptq(), IntactKVModifier(kv_cache=K4V2)])
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_recipe_kv_cache_is_installed_saved_and_reapplied_on_load(tiny_model_dirs, tmp_path, architecture):
+    """Gemma 3 too: its sliding-window layers get quantized sliding layers; the prompt outgrows the window."""
+    model = quantize(tiny_model_dirs[architecture], [gptq(), IntactKVModifier(kv_cache=K4V2)])
     assert kv_quantization_of(model).settings == K4V2
     model.save_pretrained(tmp_path, save_compressed=True)
     block = json.loads((tmp_path / "config.json").read_text())[CONFIG_KEY]

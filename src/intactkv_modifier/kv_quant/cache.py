@@ -17,6 +17,12 @@ states for the tokens of the current call, as a fused kernel would: a single
 full-sequence forward is therefore unaffected, and only later calls (decoding,
 chunked prefill) read quantized KV.
 
+Sliding-window layers (Gemma 3 has five in six) attend the same tokens as
+transformers' ``DynamicSlidingWindowLayer``, with the same mask sizes: the
+query and the ``sliding_window - 1`` tokens before it. Tokens older than that
+are forgotten (:mod:`~intactkv_modifier.kv_quant.stream`), the intact prefix
+too once the window has moved past it; until then it is read in full precision.
+
 Rows are grouped by where their quantized region starts: a row's blocks are
 aligned to its own first real token, so its quantization, and its output, do
 not depend on what else is in the batch or on how far it is left-padded.
@@ -24,7 +30,7 @@ not depend on what else is in the batch or on how far it is left-padded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,81 +39,11 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from intactkv_modifier.architecture import kv_geometry, text_config
-from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, quantize
+from intactkv_modifier.kv_quant.attention import PackedPast, PackedRows, attach_packed_past, uses_packed_attention
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, TensorQuantSettings
+from intactkv_modifier.kv_quant.stream import TokenStream
 
-__all__ = ["KeyFavoredQuantizedCache", "KeyFavoredQuantizedLayer", "quantizable_tokens"]
-
-
-def quantizable_tokens(pending: int, residual_length: int, block: int) -> int:
-    """How many of the ``pending`` oldest full-precision tokens to quantize now.
-
-    Whole blocks only, and never so many that fewer than ``residual_length``
-    tokens stay in full precision.
-    """
-    return max(0, pending - residual_length) // block * block
-
-
-class _TokenStream:
-    """One tensor (keys or values) of one group of rows: FP prefix | quantized blocks | FP residual."""
-
-    def __init__(self, settings: TensorQuantSettings, residual_length: int, prefix_length: int):
-        self.settings = settings
-        self.residual_length = residual_length
-        self.prefix_length = prefix_length
-        self.prefix: torch.Tensor | None = None
-        self.quantized: QuantizedTensor | None = None
-        self.residual: torch.Tensor | None = None
-
-    @property
-    def quantized_tokens(self) -> int:
-        return 0 if self.quantized is None else self.quantized.num_tokens
-
-    @property
-    def nbytes(self) -> int:
-        tensors = [t for t in (self.prefix, self.residual) if t is not None]
-        quantized = 0 if self.quantized is None else self.quantized.nbytes
-        return quantized + sum(t.numel() * t.element_size() for t in tensors)
-
-    def read(self, then: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Everything stored so far, dequantized, followed by ``then``: ``[rows, heads, tokens, head_dim]``.
-
-        One concatenation for the whole result: decoding pays one copy of the past per step, not two.
-        """
-        if self.prefix is None or self.residual is None:
-            return then
-        parts = [self.prefix]
-        if self.quantized is not None:
-            parts.append(dequantize(self.quantized, self.prefix.dtype))
-        parts += [self.residual] if then is None else [self.residual, then]
-        return torch.cat(parts, dim=2)
-
-    def append(self, states: torch.Tensor) -> None:
-        states = states.detach()
-        if self.prefix is None or self.residual is None:
-            self.prefix = states[:, :, :0].clone()
-            self.residual = self.prefix
-        room = self.prefix_length - self.prefix.shape[2]
-        if room > 0:
-            self.prefix = torch.cat([self.prefix, states[:, :, :room]], dim=2)
-            states = states[:, :, room:]
-        pending = torch.cat([self.residual, states], dim=2)
-        count = quantizable_tokens(pending.shape[2], self.residual_length, self.settings.token_block)
-        if count == 0:
-            self.residual = pending
-            return
-        block = quantize(pending[:, :, :count], self.settings)
-        self.quantized = block if self.quantized is None else self.quantized.concat(block)
-        self.residual = pending[:, :, count:].clone()  # a view would keep the quantized tokens' FP storage alive
-
-    def select_rows(self, index: torch.Tensor) -> _TokenStream:
-        selected = _TokenStream(self.settings, self.residual_length, self.prefix_length)
-        if self.prefix is not None and self.residual is not None:
-            selected.prefix = self.prefix.index_select(0, index)
-            selected.residual = self.residual.index_select(0, index)
-        if self.quantized is not None:
-            selected.quantized = self.quantized.select_rows(index)
-        return selected
+__all__ = ["KeyFavoredQuantizedCache", "KeyFavoredQuantizedLayer"]
 
 
 @dataclass
@@ -115,8 +51,8 @@ class _RowGroup:
     """Rows of the batch whose full-precision prefix has the same length, stored together."""
 
     rows: torch.Tensor
-    keys: _TokenStream
-    values: _TokenStream
+    keys: TokenStream
+    values: TokenStream
 
     def select_rows(self, local: torch.Tensor, rows: torch.Tensor) -> _RowGroup:
         local = local.to(self.rows.device)
@@ -125,17 +61,35 @@ class _RowGroup:
 
 
 class KeyFavoredQuantizedLayer(CacheLayerMixin):
-    """One decoder layer's quantized K/V; see the module docstring for the layout."""
+    """One decoder layer's quantized K/V; see the module docstring for the layout.
+
+    :param packed_attention: hand attention the stored past as it is (packed,
+        :mod:`~intactkv_modifier.kv_quant.attention`) instead of dequantizing it;
+        only the packed attention implementation can read that
+    :param sliding_window: for a sliding-window layer, the window (the query and
+        the ``sliding_window - 1`` tokens before it): attention then reads exactly
+        the tokens transformers' ``DynamicSlidingWindowLayer`` keeps, with the same
+        mask sizes, and the streams forget the older ones
+    """
 
     is_compileable = False
     is_croppable = False
-    is_sliding = False
 
-    def __init__(self, key_settings: TensorQuantSettings, value_settings: TensorQuantSettings, residual_length: int):
+    def __init__(
+        self,
+        key_settings: TensorQuantSettings,
+        value_settings: TensorQuantSettings,
+        residual_length: int,
+        sliding_window: int | None = None,
+        packed_attention: bool = False,
+    ):
         super().__init__()
+        self.packed_attention = packed_attention
         self.key_settings = key_settings
         self.value_settings = value_settings
         self.residual_length = residual_length
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.cumulative_length = 0
         self._groups: list[_RowGroup] = []
 
@@ -158,8 +112,8 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
         self._groups = [
             _RowGroup(
                 rows=torch.tensor(rows),
-                keys=_TokenStream(self.key_settings, self.residual_length, length),
-                values=_TokenStream(self.value_settings, self.residual_length, length),
+                keys=TokenStream(self.key_settings, self.residual_length, length),
+                values=TokenStream(self.value_settings, self.residual_length, length),
             )
             for length, rows in rows_by_length.items()
         ]
@@ -175,7 +129,10 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new states; return the stored past (dequantized) followed by the exact new states."""
+        """Store the new states; return the attended past (dequantized) followed by the exact new states.
+
+        In packed mode, after the first call: the exact new states, the first carrying the stored past.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.num_rows:
@@ -183,16 +140,31 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
                 f"the cache holds {self.num_rows} rows but received states for {key_states.shape[0]}; "
                 "a quantized cache serves one batch from prefill to the end of decoding"
             )
-        keys, values = self._gather("keys", then=key_states), self._gather("values", then=value_states)
         single = len(self._groups) == 1
-        for group in self._groups:
-            group.keys.append(key_states if single else key_states.index_select(0, group.rows))
-            group.values.append(value_states if single else value_states.index_select(0, group.rows))
+        if self.packed_attention and self.cumulative_length > 0:
+            start = self.first_attended_slot()
+            past = PackedPast([
+                PackedRows(None if single else group.rows, group.keys.segments(start), group.values.segments(start))
+                for group in self._groups
+            ])
+            keys, values = attach_packed_past(key_states, past), value_states
+        else:
+            keys, values = self._gather("keys", then=key_states), self._gather("values", then=value_states)
         self.cumulative_length += key_states.shape[-2]
+        keep_from = self.first_attended_slot()
+        for group in self._groups:
+            group.keys.append(key_states if single else key_states.index_select(0, group.rows), keep_from)
+            group.values.append(value_states if single else value_states.index_select(0, group.rows), keep_from)
         return keys, values
 
+    def first_attended_slot(self) -> int:
+        """The oldest slot the next query may attend: 0, or the start of its sliding window."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, self.cumulative_length - self.sliding_window + 1)
+
     def read(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The keys and values attention reads for the tokens stored so far, ``[batch, heads, tokens, head_dim]``."""
+        """The keys and values the next query reads from the cache, ``[batch, heads, tokens, head_dim]``."""
         if self.cumulative_length == 0:
             return None, None
         return self._gather("keys"), self._gather("values")
@@ -201,9 +173,10 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
         """One tensor (``keys`` or ``values``) of every group in batch order, followed by ``then``."""
         if self.cumulative_length == 0:
             return then
+        start = self.first_attended_slot()
         if len(self._groups) == 1:
-            return getattr(self._groups[0], name).read(then)
-        parts = [(group.rows, getattr(group, name).read()) for group in self._groups]
+            return getattr(self._groups[0], name).read(start, then)
+        parts = [(group.rows, getattr(group, name).read(start)) for group in self._groups]
         first = parts[0][1]
         past = first.new_empty((self.num_rows, *first.shape[1:]))
         for rows, part in parts:
@@ -223,10 +196,11 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
+        start = self.first_attended_slot()
+        return self.cumulative_length - start + query_length, start
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         self._groups = []
@@ -266,6 +240,13 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
         ]
 
 
+#: The window of each supported layer type, from transformers' per-layer cache kwargs
+_WINDOW_OF_LAYER_TYPE: dict[str, Callable[[dict[str, Any]], int | None]] = {
+    "full_attention": lambda kwargs: None,
+    "sliding_attention": lambda kwargs: kwargs["sliding_window"],
+}
+
+
 class KeyFavoredQuantizedCache(Cache):
     """KV cache with per-layer key/value bit widths, packed storage and a full-precision prefix.
 
@@ -278,6 +259,10 @@ class KeyFavoredQuantizedCache(Cache):
         quantization group and each row's blocks start at its own first token.
         Left unset, slot 0 is every row's start: then, for a left-padded batch, set
         ``full_precision_prefix = max(row start) + prefix length`` instead.
+    :param packed_attention: attention reads the packed codes, without a
+        dequantized copy of the past; by default when the model runs the packed
+        attention implementation (what :func:`~intactkv_modifier.kv_quant.install_kv_quantization`
+        installs), and ``False`` gives the reference path (dequantize, then the base attention)
 
     Both are settable attributes while the cache is empty (before prefill).
     """
@@ -288,19 +273,25 @@ class KeyFavoredQuantizedCache(Cache):
         settings: KVQuantSettings,
         full_precision_prefix: int = 0,
         left_padding: Sequence[int] | None = None,
+        packed_attention: bool | None = None,
     ):
-        layer_types, _ = get_layer_types_and_kwargs(text_config(config))
-        unsupported = sorted(set(layer_types) - {"full_attention"})
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config(config))
+        unsupported = sorted(set(layer_types) - set(_WINDOW_OF_LAYER_TYPE))
         if unsupported:
             raise ValueError(
-                "KeyFavoredQuantizedCache supports models whose layers all use full attention; "
-                f"this one has {unsupported}"
+                "KeyFavoredQuantizedCache supports full-attention and sliding-window layers; "
+                f"this model also has {unsupported}"
             )
         geometry = kv_geometry(config)
         settings.check_model(geometry)
         layers = [
-            KeyFavoredQuantizedLayer(*settings.for_layer(index), settings.residual_length)
-            for index in range(geometry.num_layers)
+            KeyFavoredQuantizedLayer(
+                *settings.for_layer(index),
+                settings.residual_length,
+                sliding_window=_WINDOW_OF_LAYER_TYPE[layer_type](layer_kwargs),
+                packed_attention=uses_packed_attention(config) if packed_attention is None else packed_attention,
+            )
+            for index, layer_type in zip(range(geometry.num_layers), layer_types)
         ]
         super().__init__(layers=layers)
         self.settings = settings

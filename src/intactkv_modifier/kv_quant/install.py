@@ -29,6 +29,11 @@ from loguru import logger
 from transformers import DynamicCache, PreTrainedModel
 
 from intactkv_modifier.architecture import decoder_stack
+from intactkv_modifier.kv_quant.attention import (
+    base_implementation,
+    packed_implementation,
+    supports_packed_attention,
+)
 from intactkv_modifier.kv_quant.cache import KeyFavoredQuantizedCache
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.padding import first_attended_positions
@@ -43,17 +48,42 @@ class KVQuantization:
     :param full_precision_prefix: tokens kept in full precision at the start of
         every row; ``None`` follows the model's IntactKV prefix (its length when
         the model carries one, else 0)
+    :param packed_attention: switch the model to the packed attention
+        implementation over its current one (eager or sdpa), so that decoding
+        reads the packed codes instead of a dequantized copy of the past;
+        :meth:`remove` switches it back
     """
 
     ATTRIBUTE = "_intactkv_kv_quantization"
 
-    def __init__(self, model: PreTrainedModel, settings: KVQuantSettings, full_precision_prefix: int | None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        settings: KVQuantSettings,
+        full_precision_prefix: int | None,
+        packed_attention: bool = True,
+    ):
+        self._model = model
         self._config = model.config
         self._decoder = decoder_stack(model)
         self.settings = settings
         self.full_precision_prefix = full_precision_prefix
         self._suspended = False
         self._handle = self._decoder.register_forward_pre_hook(self._use_quantized_cache, with_kwargs=True)
+        self.use_packed_attention(packed_attention)
+
+    def use_packed_attention(self, packed: bool) -> None:
+        """Decode with the packed attention path (``True``) or the reference path (dequantize, then attend)."""
+        current = self._config._attn_implementation
+        if packed and not supports_packed_attention(current):
+            logger.warning(
+                f"KV-cache quantization: attention implementation {current!r} cannot read the packed cache; "
+                "decoding dequantizes the past every step (use eager or sdpa for the packed path)"
+            )
+            return
+        wanted = packed_implementation(current) if packed else base_implementation(current)
+        if wanted != current:
+            self._model.set_attn_implementation(wanted)
 
     def new_cache(self, attention_mask: torch.Tensor | None = None) -> KeyFavoredQuantizedCache:
         """An empty cache for a batch whose padding ``attention_mask`` (``[batch, tokens]``) shows."""
@@ -72,6 +102,7 @@ class KVQuantization:
 
     def remove(self) -> None:
         self._handle.remove()
+        self.use_packed_attention(False)
         if getattr(self._decoder, self.ATTRIBUTE, None) is self:
             delattr(self._decoder, self.ATTRIBUTE)
 
@@ -110,22 +141,30 @@ def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
 
 
 def install_kv_quantization(
-    model: PreTrainedModel, settings: KVQuantSettings, full_precision_prefix: int | None = None
+    model: PreTrainedModel,
+    settings: KVQuantSettings,
+    full_precision_prefix: int | None = None,
+    packed_attention: bool = True,
 ) -> KVQuantization:
     """Make ``model`` quantize its KV cache with ``settings``; a second call replaces the settings.
 
     Settings the model cannot use (a group size that does not divide its head
     dim, a wrong number of per-layer overrides) fail here, not at the first forward.
+    ``packed_attention=False`` keeps the reference path (see :class:`KVQuantization`).
     """
     KeyFavoredQuantizedCache(model.config, settings)  # validates against the model
     existing = kv_quantization_of(model)
     if existing is not None:
         existing.settings = settings
         existing.full_precision_prefix = full_precision_prefix
+        existing.use_packed_attention(packed_attention)
         return existing
-    hook = KVQuantization(model, settings, full_precision_prefix)
+    hook = KVQuantization(model, settings, full_precision_prefix, packed_attention)
     object.__setattr__(decoder_stack(model), KVQuantization.ATTRIBUTE, hook)
-    logger.info(f"KV-cache quantization: {settings.label()}, residual {settings.residual_length} tokens")
+    logger.info(
+        f"KV-cache quantization: {settings.label()}; the prefix and up to the newest "
+        f"{settings.full_precision_tokens()} tokens of each layer stay in full precision"
+    )
     return hook
 
 

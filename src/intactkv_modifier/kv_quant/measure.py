@@ -20,7 +20,7 @@ from intactkv_modifier.architecture import attention_modules
 from intactkv_modifier.kv_quant.cache import KeyFavoredQuantizedCache
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 
-__all__ = ["AttentionInputs", "attention_inputs", "attention_output_error"]
+__all__ = ["AttentionInputs", "attention_inputs", "attention_output", "attention_output_error"]
 
 #: What one attention layer receives: hidden states and the (cos, sin) position embeddings
 AttentionInputs = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
@@ -64,36 +64,47 @@ def attention_output_error(
     themselves (exact), as decoding after a prompt of ``context`` tokens would.
     ``inputs`` comes from :func:`attention_inputs`.
     """
-    attention = attention_modules(model)[layer_idx]
-    hidden, position_embeddings = inputs[layer_idx]
-    exact = _attend(attention, hidden, position_embeddings, context, DynamicCache(config=model.config))
+    exact = attention_output(model, inputs, layer_idx, DynamicCache(config=model.config), context)
     quantized_cache = KeyFavoredQuantizedCache(model.config, settings, full_precision_prefix=full_precision_prefix)
-    approx = _attend(attention, hidden, position_embeddings, context, quantized_cache)
+    approx = attention_output(model, inputs, layer_idx, quantized_cache, context)
     return float((approx.float() - exact.float()).norm() / exact.float().norm())
 
 
-def _attend(
-    attention: torch.nn.Module,
-    hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, ...],
-    context: int,
-    cache: Cache,
+@torch.no_grad()
+def attention_output(
+    model: PreTrainedModel, inputs: list[AttentionInputs], layer_idx: int, cache: Cache, context: int
 ) -> torch.Tensor:
-    """Run the layer on the context (filling the cache), then on the rest; the rest's output."""
+    """Layer ``layer_idx``'s attention run on the context (filling ``cache``), then on the rest; the rest's output.
+
+    Only the cache (and how attention reads it) varies between calls on the same ``inputs``.
+    """
+    attention = attention_modules(model)[layer_idx]
+    hidden, position_embeddings = inputs[layer_idx]
+    window = getattr(attention, "sliding_window", None)
     length = hidden.shape[1]
     for start, stop in ((0, context), (context, length)):
+        kv_length, kv_offset = cache.get_mask_sizes(stop - start, layer_idx)
         output, _ = attention(
             hidden_states=hidden[:, start:stop],
             position_embeddings=tuple(t[:, start:stop] for t in position_embeddings),
-            attention_mask=_causal_mask(stop - start, stop, hidden.dtype, hidden.device),
+            attention_mask=_causal_mask(start, stop, kv_offset, kv_length, window, hidden),
             past_key_values=cache,
         )
     return output
 
 
-def _causal_mask(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive ``[1, 1, queries, keys]`` mask for the last ``queries`` of ``keys`` positions."""
-    offset = keys - queries
-    allowed = torch.arange(keys, device=device)[None, :] <= torch.arange(queries, device=device)[:, None] + offset
-    mask = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+def _causal_mask(
+    start: int, stop: int, kv_offset: int, kv_length: int, window: int | None, like: torch.Tensor
+) -> torch.Tensor:
+    """Additive ``[1, 1, queries, keys]`` mask of queries ``start..stop-1`` over the keys the cache returns.
+
+    The keys are positions ``kv_offset ..`` (a sliding-window cache returns only its window); a
+    sliding-window layer also masks keys ``window`` or more positions back, as transformers does.
+    """
+    queries = torch.arange(start, stop, device=like.device)[:, None]
+    keys = torch.arange(kv_offset, kv_offset + kv_length, device=like.device)[None, :]
+    allowed = keys <= queries
+    if window is not None:
+        allowed &= keys > queries - window
+    mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+    return mask.masked_fill_(~allowed, torch.finfo(like.dtype).min)[None, None]

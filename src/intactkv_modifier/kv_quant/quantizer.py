@@ -51,6 +51,24 @@ class QuantizedTensor:
             settings=self.settings,
         )
 
+    def drop_leading(self, tokens: int) -> QuantizedTensor:
+        """Without the first ``tokens`` tokens (whole groups when grouped per channel); views, no copy."""
+        block = self.settings.token_block
+        if tokens % block:
+            raise ValueError(f"per_channel groups hold {block} tokens; cannot drop {tokens} tokens")
+        return QuantizedTensor(
+            codes=self.codes[:, :, tokens:],
+            scale=self.scale[:, :, tokens // block :],
+            minimum=self.minimum[:, :, tokens // block :],
+            settings=self.settings,
+        )
+
+    def compact(self) -> QuantizedTensor:
+        """A copy owning its storage: a view from :meth:`drop_leading` keeps the dropped tokens' bytes alive."""
+        return QuantizedTensor(
+            codes=self.codes.clone(), scale=self.scale.clone(), minimum=self.minimum.clone(), settings=self.settings
+        )
+
     def select_rows(self, index: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor(
             codes=self.codes.index_select(0, index),

@@ -23,6 +23,11 @@ __all__ = ["Bits", "Granularity", "KVQuantSettings", "LayerBits", "TensorQuantSe
 Bits = Literal[2, 3, 4, 8]
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 Granularity = Literal["per_channel", "per_token"]
+#: Bounds that keep a label such as ``K4V2`` true of ordinary contexts: a per-channel
+#: group of this many tokens, after the residual window, is quantized from 1280 tokens on
+#: (head_dim, which a per-token group divides, is at most 256 in the supported models)
+MAX_GROUP_SIZE = 256
+MAX_RESIDUAL_LENGTH = 1024
 
 
 class TensorQuantSettings(BaseModel):
@@ -40,7 +45,7 @@ class TensorQuantSettings(BaseModel):
 
     bits: Bits
     granularity: Granularity
-    group_size: int = Field(default=32, gt=0)
+    group_size: int = Field(default=32, gt=0, le=MAX_GROUP_SIZE)
 
     @property
     def token_block(self) -> int:
@@ -89,7 +94,7 @@ class KVQuantSettings(BaseModel):
 
     keys: TensorQuantSettings = TensorQuantSettings(bits=4, granularity="per_channel", group_size=32)
     values: TensorQuantSettings = TensorQuantSettings(bits=2, granularity="per_token", group_size=32)
-    residual_length: int = Field(default=32, ge=0)
+    residual_length: int = Field(default=32, ge=0, le=MAX_RESIDUAL_LENGTH)
     layer_bits: list[LayerBits] | None = Field(default=None, min_length=1)
 
     @classmethod
@@ -132,10 +137,23 @@ class KVQuantSettings(BaseModel):
         return sum(k.bits + v.bits for k, v in pairs) / (2 * num_layers)
 
     def label(self) -> str:
-        """``K4V2``, or ``mixed 3.00 bits`` when layers differ."""
-        if self.layer_bits is None:
-            return f"K{self.keys.bits}V{self.values.bits}"
-        return f"mixed {self.average_bits(len(self.layer_bits)):.2f} bits"
+        """``K4V2``, or ``mixed 3.00 bits`` when layers differ; ``K4V2 g128 r256`` away from the default windows.
+
+        Group size and residual decide from which context on anything is quantized
+        (:meth:`full_precision_tokens`), so a label without them would overstate the saving.
+        """
+        bits = (
+            f"K{self.keys.bits}V{self.values.bits}"
+            if self.layer_bits is None
+            else f"mixed {self.average_bits(len(self.layer_bits)):.2f} bits"
+        )
+        keys, values = self.keys.group_size, self.values.group_size
+        groups = f"g{keys}" if keys == values else f"g{keys}/g{values}"
+        return bits if (groups, self.residual_length) == ("g32", 32) else f"{bits} {groups} r{self.residual_length}"
+
+    def full_precision_tokens(self) -> int:
+        """The most newest tokens a layer keeps exact (after the prefix): the residual plus an unfilled key block."""
+        return self.residual_length + max(self.keys.token_block, self.values.token_block) - 1
 
     @classmethod
     def from_config_value(cls, value: Any) -> KVQuantSettings:

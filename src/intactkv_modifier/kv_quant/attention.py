@@ -1,0 +1,173 @@
+"""The packed attention path: a transformers attention function that reads the quantized cache as stored.
+
+transformers' attention layers call ``cache.update(new K/V)`` and hand whatever
+it returns to the attention function named by ``config._attn_implementation``.
+:func:`packed_implementation` registers ``intactkv_packed_<base>`` (``eager`` or
+``sdpa``): when the cache is in packed mode it returns the exact new K/V with its
+stored past attached (:func:`attach_packed_past`: segments, nothing dequantized),
+and :func:`packed_attention` attends prefix, quantized blocks, residual and new
+tokens through :mod:`~intactkv_modifier.kv_quant.packed_ops`. Any other call
+(no cache, a ``DynamicCache``, the first forward of an empty cache, training)
+carries no packed past and goes to ``<base>`` unchanged, so a single forward,
+prefix capture and calibration are bit-for-bit what they were.
+
+The reference path (the cache returning the dequantized past) stays, for any
+other attention implementation and as what this one is tested against.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from intactkv_modifier.kv_quant.packed_ops import key_scores, weighted_values
+from intactkv_modifier.kv_quant.stream import Segment, segment_tokens
+
+__all__ = [
+    "PackedPast",
+    "PackedRows",
+    "attach_packed_past",
+    "base_implementation",
+    "packed_attention",
+    "packed_implementation",
+    "supports_packed_attention",
+    "uses_packed_attention",
+]
+
+_PREFIX = "intactkv_packed_"
+_BASES = ("eager", "sdpa")
+_ATTRIBUTE = "_intactkv_packed_past"
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Stored keys and values of some rows of the batch (``rows=None``: all of them, in order)."""
+
+    rows: torch.Tensor | None
+    keys: Sequence[Segment]
+    values: Sequence[Segment]
+
+
+@dataclass(frozen=True)
+class PackedPast:
+    """What one layer's cache holds before the current call, for every row group."""
+
+    groups: Sequence[PackedRows]
+
+
+def attach_packed_past(new_keys: torch.Tensor, past: PackedPast) -> torch.Tensor:
+    """``new_keys`` (a fresh view, the caller's tensor is untouched) carrying ``past`` to :func:`packed_attention`."""
+    carrier = new_keys.view_as(new_keys)
+    setattr(carrier, _ATTRIBUTE, past)
+    return carrier
+
+
+def supports_packed_attention(implementation: str | None) -> bool:
+    """Whether the packed path can run over this attention implementation (it falls back to it when unpacked)."""
+    return base_implementation(implementation or "") in _BASES
+
+
+def packed_implementation(base: str) -> str:
+    """The registered packed attention name over ``base`` (``eager`` or ``sdpa``), registering it on first use."""
+    base = base_implementation(base)
+    if not supports_packed_attention(base):
+        raise ValueError(f"the packed KV-cache attention runs over eager or sdpa attention, not {base!r}")
+    name = _PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, packed_attention)
+        # the base's own masks (sdpa: boolean, or none at all for a plain causal prefill, never a float
+        # context x context matrix), so that the calls the base runs are exactly as without this path
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def base_implementation(name: str) -> str:
+    return name.removeprefix(_PREFIX)
+
+
+def uses_packed_attention(config: PretrainedConfig) -> bool:
+    return (getattr(config, "_attn_implementation", None) or "").startswith(_PREFIX)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the packed past and the exact new tokens; ``[batch, queries, heads, head_dim]`` like eager."""
+    past: PackedPast | None = getattr(key, _ATTRIBUTE, None)
+    if past is None:
+        return _base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by the packed KV-cache attention")
+    scaling = kwargs.get("scaling")
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    heads, kv_heads = query.shape[1], key.shape[1]
+    output = query.new_empty(query.shape[0], query.shape[2], heads, query.shape[3])
+    for group in past.groups:
+        attended = _attend(
+            _rows(query, group.rows).unflatten(1, (kv_heads, heads // kv_heads)),
+            [*group.keys, _rows(key, group.rows)],
+            [*group.values, _rows(value, group.rows)],
+            None if attention_mask is None else _rows(attention_mask, group.rows),
+            scaling,
+            kwargs.get("softcap"),
+        )
+        output[slice(None) if group.rows is None else group.rows] = attended.flatten(1, 2).transpose(1, 2)
+    return output, None
+
+
+def _attend(
+    query: torch.Tensor,
+    keys: list[Segment],
+    values: list[Segment],
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``query`` ``[b, kv_heads, group, q, d]`` over the segments -> ``[b, kv_heads, group, q, d]``."""
+    batch, kv_heads, group, queries, head_dim = query.shape
+    folded = query.flatten(2, 3)  # the GQA group shares its K/V head: fold it into the query axis
+    scores = torch.cat([key_scores(folded, segment) for segment in keys], dim=-1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.unflatten(2, (group, queries))
+    mask = _causal_mask(queries, scores.shape[-1], scores) if mask is None else mask.unsqueeze(2)
+    boolean = mask.dtype == torch.bool  # sdpa's masks say where to attend, eager's what to add
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if boolean else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).flatten(2, 3)
+    weights = probs.split([segment_tokens(segment) for segment in values], dim=-1)
+    output = reduce(operator.add, (weighted_values(w, segment) for w, segment in zip(weights, values)))
+    return output.unflatten(2, (group, queries))
+
+
+def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def _causal_mask(queries: int, keys: int, like: torch.Tensor) -> torch.Tensor:
+    """What a missing mask means: every stored token visible, the new ones causally."""
+    allowed = torch.ones(queries, keys, dtype=torch.bool, device=like.device).tril(keys - queries)
+    return torch.zeros(queries, keys, dtype=like.dtype, device=like.device).masked_fill_(
+        ~allowed, torch.finfo(like.dtype).min
+    )
+
+
+def _base_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The attention function the model would run without the packed cache (its own eager, or sdpa)."""
+    base = base_implementation(module.config._attn_implementation)
+    if base == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]

@@ -1,0 +1,163 @@
+"""One tensor (keys or values) of a group of cache rows along the token axis: FP prefix | quantized | FP residual.
+
+Tokens are addressed by *slot*, their index in the row (left padding included).
+A sliding-window layer makes its streams forget the slots no later query can
+see: the prefix and the residual drop single tokens, the quantized region whole
+blocks (a per-channel group cannot be split), so a stream may hold up to a block
+more than the window; :meth:`TokenStream.segments` leaves those tokens out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, quantize
+from intactkv_modifier.kv_quant.settings import TensorQuantSettings
+
+__all__ = ["QuantizedSegment", "Segment", "TokenStream", "quantizable_tokens"]
+
+
+def quantizable_tokens(pending: int, residual_length: int, block: int) -> int:
+    """How many of the ``pending`` oldest full-precision tokens to quantize now.
+
+    Whole blocks only, and never so many that fewer than ``residual_length``
+    tokens stay in full precision.
+    """
+    return max(0, pending - residual_length) // block * block
+
+
+@dataclass(frozen=True)
+class QuantizedSegment:
+    """Quantized tokens to attend, except the first ``skip`` (older tokens sharing the first per-channel group)."""
+
+    tensor: QuantizedTensor
+    skip: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tensor.num_tokens - self.skip
+
+
+#: Consecutive stored tokens to attend: full precision, or quantized
+Segment = torch.Tensor | QuantizedSegment
+
+
+def segment_tokens(segment: Segment) -> int:
+    return segment.num_tokens if isinstance(segment, QuantizedSegment) else segment.shape[2]
+
+
+def dequantized(segment: Segment, dtype: torch.dtype) -> torch.Tensor:
+    """A segment's tokens in full precision (the reference path: a copy of the quantized ones)."""
+    if isinstance(segment, QuantizedSegment):
+        return dequantize(segment.tensor, dtype)[:, :, segment.skip :]
+    return segment
+
+
+class TokenStream:
+    """Keys or values of one group of rows: the first ``prefix_length`` slots exact, then quantized, then exact."""
+
+    def __init__(self, settings: TensorQuantSettings, residual_length: int, prefix_length: int):
+        self.settings = settings
+        self.residual_length = residual_length
+        self.prefix_length = prefix_length
+        self.length = 0
+        self.prefix: torch.Tensor | None = None
+        self.prefix_start = 0
+        self.quantized: QuantizedTensor | None = None
+        self.quantized_start = prefix_length
+        self.residual: torch.Tensor | None = None
+
+    @property
+    def quantized_tokens(self) -> int:
+        return 0 if self.quantized is None else self.quantized.num_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held; none is a view into a larger storage, so this is what the stream costs."""
+        tensors = [t for t in (self.prefix, self.residual) if t is not None]
+        quantized = 0 if self.quantized is None else self.quantized.nbytes
+        return quantized + sum(t.numel() * t.element_size() for t in tensors)
+
+    def segments(self, start: int = 0) -> list[Segment]:
+        """The stored tokens from slot ``start`` on, oldest first, as stored (nothing dequantized)."""
+        parts: list[Segment] = []
+        if self.prefix is not None and start - self.prefix_start < self.prefix.shape[2]:
+            parts.append(self.prefix[:, :, max(0, start - self.prefix_start) :])
+        if self.quantized is not None and start - self.quantized_start < self.quantized.num_tokens:
+            skip = max(0, start - self.quantized_start)
+            whole = skip // self.settings.token_block * self.settings.token_block
+            kept = self.quantized.drop_leading(whole) if whole else self.quantized
+            parts.append(QuantizedSegment(kept, skip - whole))
+        if self.residual is not None:
+            residual_start = self.length - self.residual.shape[2]
+            if start - residual_start < self.residual.shape[2]:
+                parts.append(self.residual[:, :, max(0, start - residual_start) :])
+        return [part for part in parts if segment_tokens(part) > 0]
+
+    def read(self, start: int = 0, then: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Everything stored from slot ``start`` on, dequantized, followed by ``then``, in one concatenation."""
+        parts = self.segments(start)
+        if not parts:
+            return then
+        dtype = parts[0].tensor.scale.dtype if isinstance(parts[0], QuantizedSegment) else parts[0].dtype
+        tensors = [dequantized(part, dtype) for part in parts]
+        return torch.cat(tensors if then is None else [*tensors, then], dim=2)
+
+    def append(self, states: torch.Tensor, keep_from: int = 0) -> None:
+        """Store ``states`` as the next slots, then forget the slots before ``keep_from`` (sliding windows)."""
+        states = states.detach()
+        if self.prefix is None or self.residual is None:
+            self.prefix = states[:, :, :0].clone()
+            self.residual = self.prefix
+        room = max(0, self.prefix_length - self.length)
+        self.length += states.shape[2]
+        if room:
+            self.prefix = torch.cat([self.prefix, states[:, :, :room]], dim=2)
+            states = states[:, :, room:]
+        pending = torch.cat([self.residual, states], dim=2)
+        forgot_quantized = self._forget(keep_from)
+        pending_start = self.length - pending.shape[2]
+        stale = min(max(0, keep_from - pending_start), pending.shape[2])
+        pending, pending_start = pending[:, :, stale:], pending_start + stale
+        count = quantizable_tokens(pending.shape[2], self.residual_length, self.settings.token_block)
+        if count:
+            block = quantize(pending[:, :, :count], self.settings)
+            if self.quantized is None:
+                self.quantized, self.quantized_start = block, pending_start
+            else:
+                self.quantized = self.quantized.concat(block)
+        elif forgot_quantized and self.quantized is not None:
+            self.quantized = self.quantized.compact()
+        # a view would keep the quantized or forgotten tokens' full-precision storage alive
+        self.residual = pending[:, :, count:].clone() if count or stale else pending
+
+    def _forget(self, keep_from: int) -> bool:
+        """Drop the prefix tokens and the whole quantized blocks before slot ``keep_from``; whether blocks went."""
+        if self.prefix is not None:
+            drop = min(max(0, keep_from - self.prefix_start), self.prefix.shape[2])
+            if drop:
+                self.prefix = self.prefix[:, :, drop:].clone()
+                self.prefix_start += drop
+        if self.quantized is None:
+            return False
+        block = self.settings.token_block
+        drop = min(max(0, keep_from - self.quantized_start) // block * block, self.quantized.num_tokens)
+        if not drop:
+            return False
+        self.quantized_start += drop
+        self.quantized = None if drop == self.quantized.num_tokens else self.quantized.drop_leading(drop)
+        return True
+
+    def select_rows(self, index: torch.Tensor) -> TokenStream:
+        selected = TokenStream(self.settings, self.residual_length, self.prefix_length)
+        selected.length, selected.prefix_start, selected.quantized_start = (
+            self.length, self.prefix_start, self.quantized_start
+        )
+        if self.prefix is not None and self.residual is not None:
+            selected.prefix = self.prefix.index_select(0, index)
+            selected.residual = self.residual.index_select(0, index)
+        if self.quantized is not None:
+            selected.quantized = self.quantized.select_rows(index)
+        return selected
