@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache
 from intactkv_modifier import IntactKVModifier, attach_intact_kv, capture_prefix_kv, intact_kv_disabled
 from intactkv_modifier.architecture import kv_geometry
 from intactkv_modifier.eval.corpus import load_corpus_text
-from intactkv_modifier.eval.perplexity import perplexity, token_windows
+from intactkv_modifier.eval.perplexity import perplexity, saved_windows, token_windows
 from intactkv_modifier.kv_quant import (
     KeyFavoredQuantizedCache,
     KeyFavoredQuantizedLayer,
@@ -284,8 +284,11 @@ def load_fp(args: argparse.Namespace) -> PreTrainedModel:
 def load_gptq(args: argparse.Namespace, tokenizer: Any) -> PreTrainedModel:
     """GPTQ W3 g128 + IntactKV on ``--calibration-windows`` windows of the calibration split, quantized here."""
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(args.device).eval()
-    text = load_corpus_text("calibration")
-    calib = token_windows(tokenizer, text, args.prefix, args.length, args.calibration_windows)
+    count = args.calibration_windows
+    calib = (
+        saved_windows(args.windows_file, "calibration", count) if args.windows_file
+        else token_windows(tokenizer, load_corpus_text("calibration"), args.prefix, args.length, count)
+    )
     gptq = GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
@@ -371,6 +374,10 @@ def main() -> None:
     parser.add_argument("--model", default="models/pivot-llama")
     parser.add_argument("--weights", nargs="+", default=["FP", "GPTQ W3"], choices=["FP", "GPTQ W3"])
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument(
+        "--windows-file", type=Path, default=None,
+        help="read the windows from a file written by `benchmarks/quality.py --save-windows` instead of the corpus",
+    )
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=64)
@@ -392,7 +399,10 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     args.prefix = [tokenizer.bos_token_id]
-    windows = token_windows(tokenizer, load_corpus_text("eval"), args.prefix, args.length, args.windows)
+    windows = (
+        saved_windows(args.windows_file, "eval", args.windows) if args.windows_file
+        else token_windows(tokenizer, load_corpus_text("eval"), args.prefix, args.length, args.windows)
+    )
 
     fp_model = load_fp(args)
     configs, allocation = kv_configs(args, fp_model)

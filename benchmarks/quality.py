@@ -44,7 +44,7 @@ from intactkv_modifier import IntactKVModifier, attach_intact_kv, intact_kv_disa
 from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_kv, record_targets
 from intactkv_modifier.eval.continuation_choice import continuation_questions, write_lm_eval_task
 from intactkv_modifier.eval.corpus import load_corpus_text
-from intactkv_modifier.eval.perplexity import perplexity, token_windows
+from intactkv_modifier.eval.perplexity import perplexity, saved_windows, token_windows
 
 
 def weight_only(bits: int, group_size: int = 128) -> dict[str, QuantizationScheme]:
@@ -257,7 +257,7 @@ def main() -> None:
         help="also fit the prefix with the reference implementation's loss and schedule (extra column)",
     )
     parser.add_argument(
-        "--windows", type=Path, default=None,
+        "--windows-file", type=Path, default=None,
         help="read the calibration and evaluation windows from this file (written by --save-windows) instead of "
         "cutting them from the corpus: the same tokens on a machine without the corpus",
     )
@@ -280,11 +280,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prefix = [tokenizer.bos_token_id]
-    if args.windows is not None:
-        saved = torch.load(args.windows)
-        calib, evaluation = saved["calibration"][: args.calibration_windows], saved["eval"][: args.eval_windows]
-        if calib.shape[0] < args.calibration_windows or evaluation.shape[0] < args.eval_windows:
-            parser.error(f"{args.windows} holds {saved['calibration'].shape[0]} / {saved['eval'].shape[0]} windows")
+    if args.windows_file is not None:
+        calib = saved_windows(args.windows_file, "calibration", args.calibration_windows)
+        evaluation = saved_windows(args.windows_file, "eval", args.eval_windows)
     else:
         calib = token_windows(tokenizer, load_corpus_text("calibration"), prefix, args.length, args.calibration_windows)
         evaluation = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.eval_windows)

@@ -8,6 +8,8 @@ prefix because that is how every real prompt starts, and how IntactKV applies.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Literal
 
 import torch
 from compressed_tensors.offload import get_execution_device
@@ -16,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from intactkv_modifier.architecture import text_config
 
-__all__ = ["perplexity", "token_windows"]
+__all__ = ["perplexity", "saved_windows", "token_windows"]
 
 
 def token_windows(
@@ -33,6 +35,15 @@ def token_windows(
     prefix = torch.tensor(prefix_token_ids).expand(count, -1)
     bodies = torch.tensor(ids[: count * body]).view(count, body)
     return torch.cat([prefix, bodies], dim=1)
+
+
+def saved_windows(path: Path, split: Literal["calibration", "eval"], count: int) -> torch.Tensor:
+    """The first ``count`` windows of ``split`` from a file of windows cut once (``torch.save`` of a dict of both
+    splits): every machine then measures the same tokens, also one without the corpus."""
+    windows = torch.load(path)[split]
+    if windows.shape[0] < count:
+        raise ValueError(f"{path} holds {windows.shape[0]} {split} windows, not {count}")
+    return windows[:count]
 
 
 @torch.no_grad()
