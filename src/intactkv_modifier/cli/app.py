@@ -183,7 +183,7 @@ def inspect_command(
 
     with library_output():
         report = inspect_checkpoint(checkpoint)
-    for item in inspection_view(report, show_block=not quiet):
+    for item in inspection_view(report, full=not quiet):
         results.print(item)
     if not report.loads:
         raise typer.Exit(1)
@@ -192,11 +192,10 @@ def inspect_command(
 @app.command()
 def recipes() -> None:
     """List the shipped recipes by the name `intactkv quantize --recipe` takes."""
-    from intactkv_modifier.recipes import shipped_recipes
+    from intactkv_modifier.recipes import recipe_summary, shipped_recipes
 
     for name, path in shipped_recipes().items():
-        headline = path.read_text().splitlines()[0].removeprefix("#").strip()
-        results.print(f"{name:<22} {headline}", markup=False)
+        results.print(f"{name:<22} {recipe_summary(path)}", markup=False)
 
 
 def _text(path: Path | None, split: str = "eval") -> tuple[str, str]:

@@ -90,17 +90,23 @@ def quality_view(quality: CheckpointQuality, source: str) -> list[object]:
     return lines
 
 
-def inspection_view(report: CheckpointInspection, show_block: bool) -> list[object]:
+def inspection_view(report: CheckpointInspection, full: bool) -> list[object]:
+    """The block, the side file's tensors and every check; only the verdict when not ``full`` (``-q``)."""
+    colour = "green" if report.loads else "red"
+    verdict = f"[bold {colour}]Verdict: {escape(report.verdict)}[/]"
+    if not full:
+        return [verdict]
     lines: list[object] = []
-    if report.block is not None and show_block:
-        lines.append(f"[bold]intactkv_config[/] in {report.path / 'config.json'}:")
+    if report.block is not None:
+        lines.append(f"[bold]intactkv_config[/] in {escape(str(report.path / 'config.json'))}:")
         lines.append(escape(json.dumps(report.block, indent=2)))
     if report.tensors:
-        tensors = Table(title="Side file tensors", title_justify="left")
-        for column in ("tensor", "shape", "dtype"):
+        tensors = Table(title="Side file tensors, per layer (layers.{i}.self_attn.*)", title_justify="left")
+        for column in ("layer", "intact_key", "intact_value"):
             tensors.add_column(column)
-        for name, (shape, dtype) in report.tensors.items():
-            tensors.add_row(name, str(list(shape)), dtype)
+        for layer in range(len(report.tensors) // 2):
+            cells = [report.tensors[f"layers.{layer}.self_attn.{kind}"] for kind in ("intact_key", "intact_value")]
+            tensors.add_row(str(layer), *(f"{list(shape)} {dtype}" for shape, dtype in cells))
         lines.append(tensors)
     checks = Table(title="Loader checks", title_justify="left", show_header=False)
     checks.add_column()
@@ -109,8 +115,7 @@ def inspection_view(report: CheckpointInspection, show_block: bool) -> list[obje
     for check in report.checks:
         checks.add_row(_MARK[check.outcome], check.name, escape(check.detail))
     lines.append(checks)
-    colour = "green" if report.loads else "red"
-    lines.append(f"[bold {colour}]Verdict: {escape(report.verdict)}[/]")
+    lines.append(verdict)
     return lines
 
 

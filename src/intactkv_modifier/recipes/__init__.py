@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib.resources import as_file, files
 from pathlib import Path
 
-__all__ = ["resolve_recipe", "shipped_recipes"]
+__all__ = ["recipe_summary", "resolve_recipe", "shipped_recipes"]
 
 _SUFFIX = ".yaml"
 
@@ -41,6 +41,17 @@ def resolve_recipe(name_or_path: str) -> Path:
     raise FileNotFoundError(
         f"no recipe {name_or_path!r}: give a shipped recipe ({', '.join(shipped)}) or the path of a YAML recipe"
     )
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of the comment a recipe file opens with (every shipped recipe has one)."""
+    comment = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.removeprefix("#").strip())
+    text = " ".join(comment)
+    return text.split(". ")[0].removesuffix(".")
 
 
 def _short_name(file_name: str) -> str:
