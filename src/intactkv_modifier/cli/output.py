@@ -41,7 +41,7 @@ results = Console(highlight=False, soft_wrap=True)
 _status = Console(stderr=True, highlight=False)
 
 #: Library messages hidden at the default verbosity although they are warnings: noise on every CPU run.
-_NOISE = ("No accelerator available", "Disabling tokenizer parallelism")
+_NOISE = ("No accelerator available",)
 
 
 class Verbosity(IntEnum):
@@ -51,27 +51,26 @@ class Verbosity(IntEnum):
 
 
 _verbosity = Verbosity.NORMAL
+_LOG_THRESHOLD = {Verbosity.QUIET: "ERROR", Verbosity.NORMAL: "WARNING", Verbosity.VERBOSE: "INFO"}
 
 
 def configure_output(verbose: bool, quiet: bool) -> Verbosity:
-    """Set the verbosity from ``-v``/``-q``; before the libraries are imported, so tqdm reads its switch."""
+    """Set the verbosity from ``-v``/``-q`` for :func:`library_output` and :func:`step`."""
     global _verbosity
     if verbose and quiet:
         raise typer.BadParameter("-v and -q exclude each other")
     _verbosity = Verbosity.VERBOSE if verbose else Verbosity.QUIET if quiet else Verbosity.NORMAL
+    # what oneshot would set, with a warning, to keep tokenizers' threads out of datasets' worker processes
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if _verbosity < Verbosity.VERBOSE:
-        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is first imported (the console script's case)
     return _verbosity
 
 
 def _library_log_filter(record: dict[str, Any]) -> bool:
-    if _verbosity == Verbosity.VERBOSE:
-        return True
-    if record["level"].name == "METRIC" or any(noise in record["message"] for noise in _NOISE):
+    if _verbosity < Verbosity.VERBOSE and (
+        record["level"].name == "METRIC" or any(noise in record["message"] for noise in _NOISE)
+    ):
         return False
-    return record["level"].no >= (logger.level("WARNING").no if _verbosity == Verbosity.NORMAL else logger.level(
-        "ERROR").no)
+    return record["level"].no >= logger.level(_LOG_THRESHOLD[_verbosity]).no
 
 
 @contextmanager
@@ -112,7 +111,7 @@ def library_output() -> Iterator[None]:
 
 @contextmanager
 def _tqdm_disabled(disabled: bool) -> Iterator[None]:
-    """tqdm's ``disable`` default, for bars created in this block (TQDM_DISABLE only counts at tqdm's import)."""
+    """Every tqdm bar created in this block is disabled (``TQDM_DISABLE`` would only count before tqdm's import)."""
     import tqdm.std
 
     original = tqdm.std.tqdm.__init__
