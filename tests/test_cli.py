@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from tiny_models import load, text_samples
@@ -193,3 +196,19 @@ def test_errors_are_one_line_and_a_failing_exit_status(quantized, tiny_model_dir
     if "exclude" not in message:
         assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
         assert "Traceback" not in result.output
+
+
+def test_importing_the_package_prints_nothing_and_keeps_llmcompressor_logging():
+    """llm-compressor warns "No accelerator available!" while it is imported on a CPU; the package hides only that."""
+    code = (
+        "import os, subprocess, intactkv_modifier\n"
+        "from llmcompressor.utils.dev import get_main_device\n"
+        "print('RESULT', os.environ.get('LLM_COMPRESSOR_LOG_LEVEL'), flush=True)\n"
+        "get_main_device()\n"  # after the import, llm-compressor's own logging is back
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, marker, after = result.stdout.partition("RESULT None\n")  # None: the environment is restored
+    assert marker and "No accelerator" not in before + result.stderr
+    if not torch.accelerator.is_available():
+        assert "No accelerator available" in after

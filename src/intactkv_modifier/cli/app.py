@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from intactkv_modifier.eval.diagnosis import PivotDiagnosis
+
 __all__ = ["app", "main"]
 
 app = typer.Typer(
@@ -59,7 +61,7 @@ def diagnose(
     windows: Annotated[int, typer.Option(min=1, help="Token windows to measure on.")] = 16,
     seq_len: SeqLen = 256,
     prefix_text: Annotated[
-        str | None, typer.Option(help="Measure after this fixed text (a system prompt) instead of [BOS].")
+        str | None, typer.Option(help="Start every window with this fixed text (a system prompt) instead of [BOS].")
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder for pivot_diagnosis.json and .png.")] = Path("intactkv-diagnosis"),
     verbose: Verbose = False,
@@ -71,7 +73,7 @@ def diagnose(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from intactkv_modifier.cli.views import diagnosis_view
-    from intactkv_modifier.eval.diagnosis import diagnose_pivot_tokens, plot_diagnosis
+    from intactkv_modifier.eval.diagnosis import diagnose_pivot_tokens
     from intactkv_modifier.prefix import prompt_start_tokens
 
     with library_output():
@@ -87,7 +89,7 @@ def diagnose(
             diagnosis = diagnose_pivot_tokens(loaded.eval(), token_windows, model)
         out.mkdir(parents=True, exist_ok=True)
         (out / "pivot_diagnosis.json").write_text(json.dumps({**diagnosis.to_json(), "data": source}, indent=2) + "\n")
-        figure = _try_plot(plot_diagnosis, diagnosis, out / "pivot_diagnosis.png")
+        figure = _try_plot(diagnosis, out / "pivot_diagnosis.png")
     shown = tokenizer.decode(prefix[:1]) if prefix else ""
     for item in diagnosis_view(diagnosis, shown, prefix):
         results.print(item)
@@ -218,10 +220,12 @@ def _windows(
         raise ValueError(f"{error}: give a longer text, fewer windows or a shorter --seq-len") from error
 
 
-def _try_plot(plot, diagnosis, path: Path) -> Path | None:  # noqa: ANN001 (plot_diagnosis and its arguments)
+def _try_plot(diagnosis: PivotDiagnosis, path: Path) -> Path | None:
     """The figure needs matplotlib, which the bench extra installs; without it the command still measures."""
+    from intactkv_modifier.eval.diagnosis import plot_diagnosis
+
     try:
-        plot(diagnosis, path)
+        plot_diagnosis(diagnosis, path)
     except ImportError:
         results.print('(no figure: matplotlib is not installed; pip install "intactkv-modifier[bench]")')
         return None
