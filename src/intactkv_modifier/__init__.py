@@ -29,8 +29,8 @@ def _import_llmcompressor_quietly() -> bool:
     Its console level is raised for the import only, then its default logging
     (or the user's ``LLM_COMPRESSOR_LOG_*`` settings) is configured again.
     """
-    if "llmcompressor" in sys.modules:
-        return True
+    if "llmcompressor" in sys.modules:  # imported already (its logging is set up), or blocked (None)
+        return sys.modules["llmcompressor"] is not None
     saved = os.environ.get("LLM_COMPRESSOR_LOG_LEVEL")
     os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = "ERROR"
     try:
