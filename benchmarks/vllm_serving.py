@@ -37,6 +37,7 @@ import intactkv_modifier  # noqa: F401  (loading hook)
 from intactkv_modifier import intact_kv_disabled
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import token_windows
+from intactkv_modifier.recipes import resolve_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,7 @@ def max_gap(got: list[dict], want: list[torch.Tensor], top_k: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "pivot-llama"))
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "gptq_w4a16_intactkv.yaml"))
+    parser.add_argument("--recipe", default=str(resolve_recipe("gptq-w4a16")))
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=5)

@@ -10,6 +10,8 @@ compressed-tensors release that llm-compressor does not accept, so a serving
 environment cannot hold both, and importing the plugin runs this file.
 """
 
+import os
+import sys
 from typing import Any
 
 from loguru import logger
@@ -18,12 +20,33 @@ from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
 
 __version__ = "0.1.0"
 
-try:
-    import llmcompressor  # noqa: F401
-except ImportError:
-    QUANTIZATION_AVAILABLE = False
-else:
-    QUANTIZATION_AVAILABLE = True
+
+def _import_llmcompressor_quietly() -> bool:
+    """Import llm-compressor without its import-time "No accelerator available!" warning on CPU machines.
+
+    A module-level constant of llm-compressor asks for the main device while it
+    is imported; that warning says nothing to someone who imports this package.
+    Its console level is raised for the import only, then its default logging
+    (or the user's ``LLM_COMPRESSOR_LOG_*`` settings) is configured again.
+    """
+    if "llmcompressor" in sys.modules:  # imported already (its logging is set up), or blocked (None)
+        return sys.modules["llmcompressor"] is not None
+    saved = os.environ.get("LLM_COMPRESSOR_LOG_LEVEL")
+    os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = "ERROR"
+    try:
+        import llmcompressor
+    except ImportError:
+        return False
+    finally:
+        if saved is None:
+            del os.environ["LLM_COMPRESSOR_LOG_LEVEL"]
+        else:
+            os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = saved
+    llmcompressor.configure_logger(llmcompressor.LoggerConfig())
+    return True
+
+
+QUANTIZATION_AVAILABLE = _import_llmcompressor_quietly()
 """Whether llm-compressor imports, i.e. whether the modifier, capture and loading hook are available."""
 
 _NEEDS_QUANTIZE_EXTRA = (

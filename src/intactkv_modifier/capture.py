@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 from intactkv_modifier.architecture import decoder_stack
 from intactkv_modifier.kv_quant.install import kv_quantization_of
 
-__all__ = ["PrefixKV", "capture_prefix_kv", "full_precision_forward", "model_kv_for_prefix"]
+__all__ = ["PrefixKV", "capture_prefix_kv", "full_precision_forward", "mean_relative_error", "model_kv_for_prefix"]
 
 
 @dataclass
@@ -85,3 +85,11 @@ def capture_prefix_kv(model: PreTrainedModel, prefix_token_ids: list[int]) -> Pr
     """The prefix KV of the full-precision model, whatever quantization state it is in."""
     with full_precision_forward(model):
         return model_kv_for_prefix(model, prefix_token_ids)
+
+
+def mean_relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+    """Mean over layers of ‖approx − exact‖ / ‖exact‖: how far a prefix KV is from the full-precision one."""
+    errors = [
+        float((a.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12)) for a, e in zip(approx, exact)
+    ]
+    return sum(errors) / len(errors)

@@ -35,7 +35,7 @@ from intactkv_modifier.calibration import (
     prefix_mse,
     record_targets,
 )
-from intactkv_modifier.capture import PrefixKV, capture_prefix_kv, model_kv_for_prefix
+from intactkv_modifier.capture import PrefixKV, capture_prefix_kv, mean_relative_error, model_kv_for_prefix
 from intactkv_modifier.kv_quant.allocation import NormKind, allocate_bits
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.prefix import resolve_prefix_token_ids
@@ -183,8 +183,8 @@ class IntactKVModifier(Modifier):
         assert self._captured is not None
         with intact_kv_disabled(model):
             quantized = model_kv_for_prefix(model, self._prefix_ids)
-        key_error = _mean_relative_error(quantized.keys, self._captured.keys)
-        value_error = _mean_relative_error(quantized.values, self._captured.values)
+        key_error = mean_relative_error(quantized.keys, self._captured.keys)
+        value_error = mean_relative_error(quantized.values, self._captured.values)
         logger.info(
             f"IntactKV: the quantized model's prefix KV differs from full precision by "
             f"{key_error:.2%} (keys) and {value_error:.2%} (values) on average; the stored KV replaces it"
@@ -205,10 +205,3 @@ class IntactKVModifier(Modifier):
 
 def _quantizer_started(model: torch.nn.Module) -> bool:
     return any(getattr(module, "quantization_status", None) in _CALIBRATING for module in model.modules())
-
-
-def _mean_relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
-    errors = [
-        float((a.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12)) for a, e in zip(approx, exact)
-    ]
-    return sum(errors) / len(errors)

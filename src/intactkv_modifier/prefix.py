@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["resolve_prefix_token_ids"]
+__all__ = ["prompt_start_tokens", "resolve_prefix_token_ids"]
 
 
 def resolve_prefix_token_ids(
@@ -51,12 +51,18 @@ def _bos_prefix(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
             "IntactKV defaults to the tokenizer's [BOS] token but no tokenizer was found; pass "
             "`tokenizer=<path>`, or set `prefix_token_ids` (e.g. [1]) or `prefix_text`."
         )
-    bos = tokenizer.bos_token_id
-    probe = tokenizer("Hello", add_special_tokens=True)["input_ids"]
-    if bos is None or not probe or probe[0] != bos:
+    start = prompt_start_tokens(tokenizer)
+    if not start:
         raise ValueError(
             f"{type(tokenizer).__name__} does not start prompts with a BOS token, so IntactKV has no "
             "default prefix. Set `prefix_text` to the fixed text every prompt starts with (e.g. the "
             "chat template's system prompt) or `prefix_token_ids`."
         )
-    return [bos]
+    return start
+
+
+def prompt_start_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[BOS]`` when the tokenizer starts every prompt with it, else no token."""
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("Hello", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and probe and probe[0] == bos else []

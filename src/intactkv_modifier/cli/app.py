@@ -1,0 +1,232 @@
+"""The ``intactkv`` commands. Each parses its options, does its work through the package, prints its view.
+
+The heavy libraries (torch, transformers, llm-compressor) are imported inside
+the commands, after ``-v``/``-q`` are known, so that ``--help`` is instant and
+their output can be routed before they make any.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from intactkv_modifier.cli.output import (
+    configure_output,
+    library_output,
+    perplexity_with_progress,
+    reports_errors,
+    results,
+    step,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from intactkv_modifier.eval.diagnosis import PivotDiagnosis
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="intactkv",
+    help="IntactKV for llm-compressor: diagnose, quantize, evaluate and inspect from the command line.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also show the libraries' logs and progress bars.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Show only the result (and errors).")]
+TextFile = Annotated[
+    Path | None,
+    typer.Option(help="Plain-text file to cut token windows from [default: the built-in corpus's held-out split]."),
+]
+SeqLen = Annotated[int, typer.Option(min=8, help="Tokens per window, the prefix included.")]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+@app.command()
+@reports_errors
+def diagnose(
+    model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
+    text_file: TextFile = None,
+    windows: Annotated[int, typer.Option(min=1, help="Token windows to measure on.")] = 16,
+    seq_len: SeqLen = 256,
+    prefix_text: Annotated[
+        str | None, typer.Option(help="Start every window with this fixed text (a system prompt) instead of [BOS].")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for pivot_diagnosis.json and .png.")] = Path("intactkv-diagnosis"),
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Does MODEL have pivot tokens? Attention on the first token per layer and activation peaks by position."""
+    configure_output(verbose, quiet)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from intactkv_modifier.cli.views import diagnosis_view
+    from intactkv_modifier.eval.diagnosis import diagnose_pivot_tokens
+    from intactkv_modifier.prefix import prompt_start_tokens
+
+    with library_output():
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        prefix = (
+            tokenizer(prefix_text, add_special_tokens=True)["input_ids"] if prefix_text else
+            prompt_start_tokens(tokenizer)
+        )
+        text, source = _text(text_file)
+        token_windows = _windows(tokenizer, text, prefix, seq_len, windows)
+        with step(f"measuring {windows} × {seq_len} tokens"):
+            loaded = AutoModelForCausalLM.from_pretrained(model, attn_implementation="eager", dtype=torch.float32)
+            diagnosis = diagnose_pivot_tokens(loaded.eval(), token_windows, model)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pivot_diagnosis.json").write_text(json.dumps({**diagnosis.to_json(), "data": source}, indent=2) + "\n")
+        figure = _try_plot(diagnosis, out / "pivot_diagnosis.png")
+    shown = tokenizer.decode(prefix[:1]) if prefix else ""
+    for item in diagnosis_view(diagnosis, shown, prefix):
+        results.print(item)
+    results.print(f"Measurements: {out / 'pivot_diagnosis.json'}" + (f", figure: {figure}" if figure else ""))
+
+
+@app.command()
+@reports_errors
+def quantize(
+    model: Annotated[str, typer.Argument(help="Full-precision model folder or hub id.")],
+    recipe: Annotated[str, typer.Option(help="Shipped recipe name (see `intactkv recipes`) or a YAML recipe path.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the compressed checkpoint to.")],
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Plain-text calibration file [default: the built-in corpus's calibration split]."),
+    ] = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="Calibration windows.")] = 128,
+    seq_len: SeqLen = 512,
+    seed: Annotated[int, typer.Option(help="Seed of torch's generator before oneshot.")] = 0,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize MODEL with a recipe and save it with its intact prefix; print what it stores and costs."""
+    configure_output(verbose, quiet)
+    import torch
+    from transformers import AutoTokenizer
+
+    from intactkv_modifier.cli.views import quantized_view
+    from intactkv_modifier.export import quantize_to_checkpoint
+    from intactkv_modifier.prefix import prompt_start_tokens
+    from intactkv_modifier.recipes import resolve_recipe
+
+    recipe_path = resolve_recipe(recipe)
+    with library_output():
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        text, source = _text(dataset, split="calibration")
+        calibration = _windows(tokenizer, text, prompt_start_tokens(tokenizer), seq_len, num_samples)
+        torch.manual_seed(seed)
+        with step(f"quantizing with {recipe}, {num_samples} × {seq_len} tokens"):
+            result = quantize_to_checkpoint(model, recipe_path, out, calibration)
+    for item in quantized_view(result, recipe):
+        results.print(item)
+
+
+@app.command(name="eval")
+@reports_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="IntactKV checkpoint folder.")],
+    reference: Annotated[
+        str | None, typer.Option(help="Full-precision model (folder or hub id) for the FP row and the gap closed.")
+    ] = None,
+    text_file: TextFile = None,
+    windows: Annotated[int, typer.Option(min=1, help="Held-out token windows.")] = 64,
+    seq_len: SeqLen = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Perplexity of CHECKPOINT with IntactKV off and on (and of the FP reference), on the same windows."""
+    configure_output(verbose, quiet)
+    from transformers import AutoTokenizer
+
+    from intactkv_modifier.cli.views import quality_view
+    from intactkv_modifier.eval.report import evaluate_checkpoint
+    from intactkv_modifier.serving.checkpoint import read_config_block
+
+    with library_output():
+        config = read_config_block(checkpoint)
+        if config is None:
+            raise ValueError(f"{checkpoint} has no `intactkv_config`: quantize it with `intactkv quantize` first")
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        text, source = _text(text_file)
+        token_windows = _windows(tokenizer, text, config.prefix_token_ids, seq_len, windows)
+        quality = evaluate_checkpoint(
+            checkpoint, token_windows, reference,
+            score=lambda model, w, label: perplexity_with_progress(model, w, label, batch_size),
+        )
+    for item in quality_view(quality, source):
+        results.print(item)
+
+
+@app.command(name="inspect")
+@reports_errors
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(help="IntactKV checkpoint folder.")],
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run every check the loaders make on CHECKPOINT; exit status 1 when it would not load."""
+    configure_output(verbose, quiet)
+    from intactkv_modifier.cli.views import inspection_view
+    from intactkv_modifier.inspection import inspect_checkpoint
+
+    with library_output():
+        report = inspect_checkpoint(checkpoint)
+    for item in inspection_view(report, full=not quiet):
+        results.print(item)
+    if not report.loads:
+        raise typer.Exit(1)
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes by the name `intactkv quantize --recipe` takes."""
+    from intactkv_modifier.recipes import recipe_summary, shipped_recipes
+
+    for name, path in shipped_recipes().items():
+        results.print(f"{name:<22} {recipe_summary(path)}", markup=False)
+
+
+def _text(path: Path | None, split: str = "eval") -> tuple[str, str]:
+    """The text to cut windows from and how to name it in the output."""
+    if path is not None:
+        return path.read_text(), str(path)
+    from intactkv_modifier.eval.corpus import load_corpus_text
+
+    return load_corpus_text(split), f"built-in corpus, {split} split"
+
+
+def _windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, prefix: list[int], length: int, count: int
+) -> torch.Tensor:
+    from intactkv_modifier.eval.perplexity import token_windows
+
+    try:
+        return token_windows(tokenizer, text, prefix, length, count)
+    except ValueError as error:
+        raise ValueError(f"{error}: give a longer text, fewer windows or a shorter --seq-len") from error
+
+
+def _try_plot(diagnosis: PivotDiagnosis, path: Path) -> Path | None:
+    """The figure needs matplotlib, which the bench extra installs; without it the command still measures."""
+    from intactkv_modifier.eval.diagnosis import plot_diagnosis
+
+    try:
+        plot_diagnosis(diagnosis, path)
+    except ImportError:
+        results.print('(no figure: matplotlib is not installed; pip install "intactkv-modifier[bench]")')
+        return None
+    return path
