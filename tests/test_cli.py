@@ -18,14 +18,14 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from intactkv_modifier import intact_kv_disabled
+from intactkv_modifier.checkpoint import SIDE_FILE_PATH
 from intactkv_modifier.cli.app import app
 from intactkv_modifier.cli.output import perplexity_with_progress
 from intactkv_modifier.cli.views import diagnosis_view
-from intactkv_modifier.config import CONFIG_KEY
+from intactkv_modifier.config import CONFIG_KEY, FORMAT_VERSION
 from intactkv_modifier.eval.diagnosis import PivotDiagnosis
 from intactkv_modifier.eval.perplexity import perplexity, token_windows
 from intactkv_modifier.recipes import resolve_recipe, shipped_recipes
-from intactkv_modifier.sidecar import SIDECAR_PATH
 
 SEQ_LEN = 32  # the tiny models' context is 64 positions
 
@@ -65,7 +65,7 @@ def test_shipped_recipes_are_package_data_found_by_short_name(tmp_path):
 def test_quantize_saves_the_checkpoint_and_summarises_it_quietly(quantized):
     out, result = quantized
     assert result.exit_code == 0, result.output
-    assert (out / SIDECAR_PATH).is_file() and (out / "tokenizer.json").is_file()
+    assert (out / SIDE_FILE_PATH).is_file() and (out / "tokenizer.json").is_file()
     assert "'<s>' (ids [1])" in result.stdout
     errors = re.search(r"keys (\d+\.\d+)%, values (\d+\.\d+)%", result.stdout)
     assert errors and float(errors.group(2)) > 0  # W4 rounding moves the quantized model's own prefix values
@@ -112,7 +112,7 @@ def test_inspect_passes_a_good_checkpoint(quantized):
 
 
 def _drop_side_file(ckpt: Path) -> None:
-    (ckpt / SIDECAR_PATH).unlink()
+    (ckpt / SIDE_FILE_PATH).unlink()
 
 
 def _edit_block(**changes: object):
@@ -125,9 +125,9 @@ def _edit_block(**changes: object):
 
 
 def _poison_a_value(ckpt: Path) -> None:
-    tensors = load_file(ckpt / SIDECAR_PATH)
+    tensors = load_file(ckpt / SIDE_FILE_PATH)
     tensors["layers.1.self_attn.intact_value"][0, 0, 0] = float("nan")
-    save_file(tensors, ckpt / SIDECAR_PATH)
+    save_file(tensors, ckpt / SIDE_FILE_PATH)
 
 
 @pytest.mark.parametrize(
@@ -135,10 +135,10 @@ def _poison_a_value(ckpt: Path) -> None:
     [
         (_drop_side_file, "intactkv/ folder"),
         (_edit_block(num_layers=3), "(layers, kv heads, head dim)"),
-        (_edit_block(format_version=2), "format_version 2"),
-        (_poison_a_value, "non-finite"),
+        (_edit_block(format_version=FORMAT_VERSION + 1), f"format_version {FORMAT_VERSION + 1}"),
+        (_poison_a_value, "not the one saved with this config"),  # the block's sha256 no longer matches
     ],
-    ids=["no-side-file", "wrong-geometry", "future-format", "nan"],
+    ids=["no-side-file", "wrong-geometry", "future-format", "rewritten-side-file"],
 )
 def test_inspect_fails_exactly_the_checkpoints_the_loader_refuses(quantized, tmp_path, breakage, reason):
     broken = tmp_path / "broken"

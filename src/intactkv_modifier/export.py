@@ -21,8 +21,8 @@ from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from intactkv_modifier.capture import mean_relative_error, model_kv_for_prefix
+from intactkv_modifier.checkpoint import SIDE_FILE_PATH
 from intactkv_modifier.runtime import intact_kv_disabled
-from intactkv_modifier.sidecar import SIDECAR_PATH
 from intactkv_modifier.storage import config_of, prefix_kv_of
 
 __all__ = ["QuantizedCheckpoint", "quantize_to_checkpoint", "weight_bytes"]
@@ -97,6 +97,6 @@ def quantize_to_checkpoint(
         calibration=config.calibration,
         source_weight_bytes=weight_bytes(model_source),
         weight_bytes=weight_bytes(out) or 0,
-        sidecar_bytes=(out / SIDECAR_PATH).stat().st_size,
+        sidecar_bytes=(out / SIDE_FILE_PATH).stat().st_size,
         seconds=seconds,
     )

@@ -2,7 +2,7 @@
 
 Every check the loaders make (transformers' hook in
 :mod:`~intactkv_modifier.loading` and the vLLM plugin's reader in
-:mod:`~intactkv_modifier.serving.checkpoint`) runs here on the folder alone, so
+:mod:`~intactkv_modifier.checkpoint`) runs here on the folder alone, so
 a checkpoint that would fail to load fails here first, with the loader's own
 message. Each check is recorded, passed or not, so the report shows what was
 verified, not only what went wrong.
@@ -18,15 +18,16 @@ from typing import Any, Literal
 from transformers import AutoConfig
 
 from intactkv_modifier.architecture import kv_geometry
-from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
-from intactkv_modifier.kv_quant.settings import KVQuantSettings
-from intactkv_modifier.serving.checkpoint import (
+from intactkv_modifier.checkpoint import (
+    SIDE_FILE_PATH,
     StoredPrefix,
     prefix_tensors_in_weight_files,
     read_config_block,
     read_prefix_tensors,
+    tensor_name,
 )
-from intactkv_modifier.sidecar import SIDECAR_PATH, tensor_name
+from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
+from intactkv_modifier.kv_quant.settings import KVQuantSettings
 
 __all__ = ["Check", "CheckpointInspection", "Outcome", "inspect_checkpoint"]
 
@@ -151,13 +152,13 @@ def _prefix_tensors(report: CheckpointInspection, config: IntactKVConfig) -> Sto
 
 
 def _weight_files_are_clean(report: CheckpointInspection, stored: StoredPrefix) -> None:
-    if stored.source == report.path / SIDECAR_PATH:
-        report._record("side file", "ok", f"{SIDECAR_PATH}; no weight file holds a prefix tensor")
+    if stored.source == report.path / SIDE_FILE_PATH:
+        report._record("side file", "ok", f"{SIDE_FILE_PATH}; no weight file holds a prefix tensor")
         return
     holding = prefix_tensors_in_weight_files(report.path)
     report._record(
         "side file", "warning",
-        f"no {SIDECAR_PATH}: the prefix is in {', '.join(holding)} (older layout); transformers loads it, vLLM "
+        f"no {SIDE_FILE_PATH}: the prefix is in {', '.join(holding)} (older layout); transformers loads it, vLLM "
         "refuses it. Load and save it again with intactkv_modifier imported to move it.",
     )
 

@@ -152,9 +152,9 @@ def evaluate(
     configure_output(verbose, quiet)
     from transformers import AutoTokenizer
 
+    from intactkv_modifier.checkpoint import read_config_block
     from intactkv_modifier.cli.views import quality_view
     from intactkv_modifier.eval.report import evaluate_checkpoint
-    from intactkv_modifier.serving.checkpoint import read_config_block
 
     with library_output():
         config = read_config_block(checkpoint)
