@@ -1,6 +1,7 @@
-"""Main job: quantize a real small Llama with GPTQ + IntactKV, save, reload, compare perplexity.
+"""Fast example: quantize pivot-llama with GPTQ + IntactKV, save, reload, compare perplexity.
 
-Runs offline on CPU in a few minutes. The model is `models/pivot-llama` (trained by
+Runs offline on CPU in a few minutes (the main job, `scripts/main.sh`, does the same for
+Gemma 3 270M through the `intactkv` command). The model is `models/pivot-llama` (trained by
 this project, see its model card) and the text is the project's real-English
 corpus (`intactkv_modifier.eval.corpus`); calibration and evaluation text never
 overlap. Prints FP / quantized / quantized+IntactKV perplexity of the *reloaded*
