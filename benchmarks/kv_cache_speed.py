@@ -18,7 +18,11 @@ by walking it, so quanto and HQQ tensors count too); on CUDA also the peak memor
 allocated while decoding at batch 1.
 
 Perplexity is the real model's (``--model``, IntactKV prefix = its own [BOS] KV)
-read through each cache in chunks, as ``benchmarks/kv_cache.py`` does.
+read through each cache in chunks, as ``benchmarks/kv_cache.py`` does (``--windows-file``:
+the windows another benchmark saved, so that tables share their tokens); a cache
+that refuses the model is listed with its error. ``--profile-context N`` adds
+``kv_cache_profile.md``: torch.profiler's top ops of batch-1 decoding at context
+``N``, FP cache against ours K4V2 packed, which says where a shortfall comes from.
 
     python benchmarks/kv_cache_speed.py --out benchmarks/results/cpu
 
@@ -28,26 +32,28 @@ Writes ``kv_cache_speed.json`` and ``kv_cache_speed.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from kv_cache import cached_perplexity, load_fp
+from kv_cache import cached_perplexity, limit_bytes_per_token, load_fp
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import Cache, QuantizedCache
 
 from intactkv_modifier.eval.corpus import load_corpus_text
-from intactkv_modifier.eval.perplexity import token_windows
+from intactkv_modifier.eval.perplexity import saved_windows, token_windows
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings
 from intactkv_modifier.kv_quant.attention import packed_implementation
+from intactkv_modifier.kv_quant.fast_decode import kernel_available
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class CacheKind:
 
     name: str
     build: Callable[[PreTrainedModel], Cache]
+    #: ours: the settings, whose packed size per token the held bytes are compared with
+    settings: KVQuantSettings | None = None
 
 
 def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
@@ -77,6 +85,7 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
                 lambda model, settings=settings, packed=packed: KeyFavoredQuantizedCache(
                     model.config, settings, full_precision_prefix=args.prefix_length, packed_attention=packed
                 ),
+                settings,
             ))
     return kinds
 
@@ -115,13 +124,14 @@ def held_bytes(root: object) -> int:
 
 def speed_model(args: argparse.Namespace) -> PreTrainedModel:
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or args.hidden * 2,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=args.hidden // args.heads, max_position_embeddings=max(args.contexts) + args.steps + 1,
     )
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention, dtype=args.dtype)
-    model = model.to(args.device).eval()
+    with torch.device(args.device):  # initialised where it runs: a 1B model's random init on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention, dtype=args.dtype)
+    model = model.eval()
     model.set_attn_implementation(packed_implementation(args.attention))  # unpacked caches fall back to it
     return model
 
@@ -161,10 +171,11 @@ def decode(model: PreTrainedModel, cache: Cache, first: torch.Tensor, steps: int
     return first.shape[0] * steps / (time.perf_counter() - started)
 
 
-def speed_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[str, Any]]:
+def speed_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> Iterator[list[dict[str, Any]]]:
+    """The rows of each context in turn (so that a run cut short still leaves the contexts it finished)."""
     model = speed_model(args)
-    rows = []
     for context in args.contexts:
+        rows = []
         kv, first = prefilled_kv(model, context, args)
         runnable, batch1, bytes_per_row, peaks = [], {}, {}, {}
         for kind in kinds:
@@ -201,11 +212,15 @@ def speed_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[st
         fp_budget = statistics.median(budget[kinds[0].name])
         for kind in runnable:
             rate, budget_rate = statistics.median(batch1[kind.name]), statistics.median(budget[kind.name])
+            packed = None if kind.settings is None else limit_bytes_per_token(model, kind.settings)
             rows.append({
                 "context": context, "kv_cache": kind.name,
                 "tokens_per_s_batch1": rate, "ratio_to_fp_batch1": rate / fp,
                 "bytes_per_row": bytes_per_row[kind.name],
                 "bytes_per_token": bytes_per_row[kind.name] / (context + args.steps),
+                "packed_bytes_per_token": packed,
+                "held_over_packed": None if packed is None else bytes_per_row[kind.name] / (context + args.steps)
+                / packed,
                 "peak_bytes_batch1": peaks.get(kind.name),
                 "budget_batch": batches[kind.name], "tokens_per_s_budget": budget_rate,
                 "ratio_to_fp_budget": budget_rate / fp_budget,
@@ -213,7 +228,27 @@ def speed_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[st
             logger.info(f"context {context} | {kind.name}: {rate:.1f} tok/s ({rate / fp:.2f}x FP), "
                         f"batch {batches[kind.name]}: {budget_rate:.1f} tok/s ({budget_rate / fp_budget:.2f}x)")
         del kv
-    return rows
+        yield rows
+
+
+def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
+    """Where a batch-1 decode step spends its time, FP cache against ours K4V2 packed (torch.profiler, top ops)."""
+    model = speed_model(args)
+    context = args.profile_context
+    kv, first = prefilled_kv(model, context, args)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sections = []
+    for kind in (kinds[0], next(kind for kind in kinds if kind.name.endswith("packed"))):
+        cache = filled(kind, model, kv, 1)
+        decode(model, cache, first, 4, args.device)
+        with torch.profiler.profile(activities=activities) as profiler:
+            rate = decode(model, cache, first, args.steps, args.device)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
+        sections += [f"### {kind.name}, context {context}: {rate:.1f} tok/s under the profiler, {args.steps} steps",
+                     "", "```", table, "```", ""]
+    return "\n".join(sections)
 
 
 # perplexity ----------------------------------------------------------------------------
@@ -222,7 +257,10 @@ def speed_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[st
 def perplexity_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     args.prefix = [tokenizer.bos_token_id]
-    windows = token_windows(tokenizer, load_corpus_text("eval"), args.prefix, args.length, args.windows)
+    windows = (
+        saved_windows(args.windows_file, "eval", args.windows) if args.windows_file
+        else token_windows(tokenizer, load_corpus_text("eval"), args.prefix, args.length, args.windows)
+    )
     model = load_fp(args)
     model.set_attn_implementation(packed_implementation(model.config._attn_implementation))
     rows = []
@@ -231,6 +269,7 @@ def perplexity_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[di
             ppl, measured = cached_perplexity(model, windows, lambda kind=kind: kind.build(model), args)
         except Exception as error:  # noqa: BLE001
             logger.warning(f"perplexity with {kind.name} failed: {error!r:.200}")
+            rows.append({"kv_cache": kind.name, "perplexity": None, "error": f"{error}"[:300]})
             continue
         rows.append({"kv_cache": kind.name, "perplexity": ppl})
         logger.info(f"perplexity | {kind.name}: {ppl:.3f}")
@@ -246,22 +285,29 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['device_name']}, {result['threads']} thread(s), load average {result['load_average_start']:.1f} "
         f"at the start and {result['load_average_end']:.1f} at the end (a shared machine: ratios are medians of "
         f"{result['rounds']} interleaved rounds). Speed model: random-weight Llama shape, {shape['layers']} layers, "
-        f"hidden {shape['hidden']}, {shape['heads']} heads on {shape['kv_heads']} KV heads (head_dim "
-        f"{shape['hidden'] // shape['heads']}), {result['dtype']}, {result['attention']} attention under the packed "
-        f"path's fallback; seed {result['seed']}; {result['steps']} decoded tokens after each context (budget batch: "
-        f"{result['budget_steps']} tokens, {result['budget_rounds']} round(s)); groups of {result['group_size']}, "
+        f"hidden {shape['hidden']}, MLP {shape['intermediate']}, {shape['heads']} heads on {shape['kv_heads']} KV "
+        f"heads (head_dim {shape['hidden'] // shape['heads']}), {result['dtype']}, {result['attention']} attention "
+        f"under the packed path's fallback; seed {result['seed']}; {result['steps']} decoded tokens after each "
+        f"context (budget batch: "
+        f"{result['budget_steps']} tokens, {result['budget_rounds']} round(s)); Triton decode kernel "
+        f"{'on' if result['decode_kernel'] else 'off (torch ops)'} for ours packed; groups of {result['group_size']}, "
         f"residual {result['residual_length']} tokens for every quantized cache (transformers' quantizes keys and "
         f"values per channel groups along head_dim, axis 0).",
-        "",
-        f"## Decode tokens/s, batch 1 and the largest batch whose cache fits {result['budget_mib']} MiB",
-        "",
-        "| context | KV cache | tok/s, batch 1 | × FP | bytes/token | batch in budget | tok/s in budget | × FP |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if result["speed"]:
+        lines += [
+            "",
+            f"## Decode tokens/s, batch 1 and the largest batch whose cache fits {result['budget_mib']} MiB",
+            "",
+            "| context | KV cache | tok/s, batch 1 | × FP | bytes/token held | × packed size | peak MiB, batch 1 "
+            "| batch in budget | tok/s in budget | × FP |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     lines += [
         f"| {r['context']} | {r['kv_cache']} | {r['tokens_per_s_batch1']:.1f} | {r['ratio_to_fp_batch1']:.2f} | "
-        f"{r['bytes_per_token']:.0f} | {r['budget_batch']} | {r['tokens_per_s_budget']:.1f} | "
-        f"{r['ratio_to_fp_budget']:.2f} |"
+        f"{r['bytes_per_token']:.0f} | {_optional(r['held_over_packed'], '.3f')} | "
+        f"{_optional(r['peak_bytes_batch1'] and r['peak_bytes_batch1'] / 2**20, '.0f')} | {r['budget_batch']} | "
+        f"{r['tokens_per_s_budget']:.1f} | {r['ratio_to_fp_budget']:.2f} |"
         for r in result["speed"]
     ]
     if result["perplexity"]:
@@ -273,8 +319,35 @@ def markdown(result: dict[str, Any]) -> str:
             "| KV cache | perplexity |",
             "|---|---|",
         ]
-        lines += [f"| {r['kv_cache']} | {r['perplexity']:.3f} |" for r in result["perplexity"]]
+        lines += [
+            f"| {r['kv_cache']} | {_optional(r['perplexity'], '.3f')} |" if r["perplexity"] is not None
+            else f"| {r['kv_cache']} | does not run: {r['error'].splitlines()[0]} |"
+            for r in result["perplexity"]
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the packages whose code the rows run."""
+    found: dict[str, str | None] = {}
+    for package in ("torch", "transformers", "triton", "optimum-quanto", "hqq"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def write(result: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_cache_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "kv_cache_speed.md").write_text(table)
+    return table
 
 
 def main() -> None:
@@ -287,6 +360,7 @@ def main() -> None:
     parser.add_argument("--budget-steps", type=int, default=4)
     parser.add_argument("--budget-rounds", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP width (0: twice --hidden)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
@@ -297,7 +371,11 @@ def main() -> None:
     parser.add_argument("--prefix-length", type=int, default=1)
     parser.add_argument("--model", default="models/pivot-llama")
     parser.add_argument("--skip-perplexity", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--profile-context", type=int, default=0,
+                        help="also profile batch-1 decoding at this context (kv_cache_profile.md)")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--windows-file", type=Path, help="windows saved by quality.py --save-windows (eval split)")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=64)
@@ -322,18 +400,23 @@ def main() -> None:
         "budget_mib": args.budget_mib, "budget_steps": args.budget_steps, "budget_rounds": args.budget_rounds,
         "group_size": args.group_size, "residual_length": args.residual_length,
         "speed_model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.kv_heads,
-                        "vocab": args.vocab},
-        "model": args.model, "windows": args.windows, "length": args.length, "prefill": args.prefill,
-        "chunk": args.chunk,
+                        "intermediate": args.intermediate or 2 * args.hidden, "vocab": args.vocab},
+        "model": args.model, "windows": args.windows,
+        "windows_file": args.windows_file and str(args.windows_file), "length": args.length, "prefill": args.prefill,
+        "chunk": args.chunk, "versions": versions(),
+        "decode_kernel": kernel_available(torch.device(args.device)),
     }
-    result["speed"] = speed_rows(args, kinds)
+    result["speed"], result["perplexity"] = [], []
+    for rows in ([] if args.skip_speed else speed_rows(args, kinds)):
+        result["speed"] += rows
+        result["load_average_end"] = os.getloadavg()[0]
+        write(result, args.out)
+    if args.profile_context:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kv_cache_profile.md").write_text(profile_batch1(args, kinds))
     result["perplexity"] = [] if args.skip_perplexity else perplexity_rows(args, kinds)
     result["load_average_end"] = os.getloadavg()[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_cache_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / "kv_cache_speed.md").write_text(table)
-    print(table)
+    print(write(result, args.out))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_models import BOS, left_pad, load, load_tokenizer, text_samples
@@ -22,6 +24,7 @@ from intactkv_modifier.kv_quant import (
     quantize,
     quantized_bytes_per_token,
     remove_kv_quantization,
+    storage,
 )
 from intactkv_modifier.kv_quant.packing import pack, unpack
 from intactkv_modifier.kv_quant.stream import quantizable_tokens
@@ -127,8 +130,13 @@ def test_packed_bytes_equal_the_formula(bits, granularity, dtype):
 # the cache -----------------------------------------------------------------------
 
 
-def test_cache_bytes_equal_the_formula_and_shrink(tiny_model_dirs):
-    """Every row: FP prefix and residual at FP size, the rest at the packed size; far below a DynamicCache."""
+def test_cache_bytes_equal_the_formula_and_shrink(tiny_model_dirs, monkeypatch):
+    """Every row: FP prefix and residual at FP size, the rest at the packed size; far below a DynamicCache.
+
+    With no room reserved ahead (the growth policy is tested in test_kv_storage), the bytes held are exactly these.
+    """
+    monkeypatch.setattr(storage, "GROWTH", 0.0)
+    monkeypatch.setattr(storage, "MIN_ROOM_TOKENS", 0)
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     settings = KVQuantSettings.from_bits(4, 2, **SMALL)
@@ -150,7 +158,7 @@ def test_cache_bytes_equal_the_formula_and_shrink(tiny_model_dirs):
         counts = layer.quantized_tokens()
         for name, tensor_settings in (("keys", layer.key_settings), ("values", layer.value_settings)):
             for row, fp_length in enumerate(cache.full_precision_lengths(len(rows))):
-                block = tensor_settings.token_block
+                block = math.lcm(layer.key_settings.token_block, layer.value_settings.token_block)
                 quantized = quantizable_tokens(length - fp_length, settings.residual_length, block)
                 assert counts[name][row] == quantized > 0
                 packed = quantized_bytes_per_token(tensor_settings, heads, head_dim, torch.float32)

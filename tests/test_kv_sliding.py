@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from intactkv_modifier import attach_intact_kv, capture_prefix_kv
 from intactkv_modifier.architecture import attention_modules
 from intactkv_modifier.config import KEY_BUFFER
-from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings, install_kv_quantization
+from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings, install_kv_quantization, storage
 from intactkv_modifier.kv_quant.measure import attention_inputs, attention_output, attention_output_error
 
 #: prompts and generations run to 2.5 windows, so the sliding layer forgets most of what it saw
@@ -60,8 +60,13 @@ def test_eight_bit_logits_match_the_fp_cache_beyond_the_window(tiny_model_dirs):
     assert two > 10 * eight
 
 
-def test_sliding_layer_memory_stays_bounded_by_the_window(tiny_model_dirs):
-    """Past the window the sliding layer holds a constant number of bytes, the full-attention layer keeps growing."""
+def test_sliding_layer_memory_stays_bounded_by_the_window(tiny_model_dirs, monkeypatch):
+    """Past the window the sliding layer holds a constant number of bytes, the full-attention layer keeps growing.
+
+    No room is reserved ahead here, so the held bytes follow the stored tokens exactly.
+    """
+    monkeypatch.setattr(storage, "GROWTH", 0.0)
+    monkeypatch.setattr(storage, "MIN_ROOM_TOKENS", 0)
     model = load(tiny_model_dirs["gemma3"])
     ids = torch.tensor(_prompts(load_tokenizer(tiny_model_dirs["gemma3"]), (4 * GEMMA3_SLIDING_WINDOW,)))
     cache = KeyFavoredQuantizedCache(model.config, KVQuantSettings.from_bits(4, 2, **SMALL))
@@ -132,7 +137,9 @@ def test_nbytes_is_every_byte_the_cache_keeps_alive(tiny_model_dirs):
         for group in layer._groups:
             for stream in (group.keys, group.values):
                 quantized = stream.quantized
-                parts = [stream.prefix, stream.residual, quantized.codes, quantized.scale, quantized.minimum]
+                parts = [stream.prefix, stream.residual, *(
+                    part.storage for part in (quantized.codes, quantized.scale, quantized.minimum)
+                )]
                 storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parts})
     assert cache.nbytes == sum(storages.values())
 

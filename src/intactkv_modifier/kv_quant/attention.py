@@ -6,7 +6,9 @@ it returns to the attention function named by ``config._attn_implementation``.
 ``sdpa``): when the cache is in packed mode it returns the exact new K/V with its
 stored past attached (:func:`attach_packed_past`: segments, nothing dequantized),
 and :func:`packed_attention` attends prefix, quantized blocks, residual and new
-tokens through :mod:`~intactkv_modifier.kv_quant.packed_ops`. Any other call
+tokens: a decode step through the Triton kernel where it runs
+(:mod:`~intactkv_modifier.kv_quant.fast_decode`), anything else through the torch
+ops of :mod:`~intactkv_modifier.kv_quant.packed_ops`. Any other call
 (no cache, a ``DynamicCache``, the first forward of an empty cache, training)
 carries no packed past and goes to ``<base>`` unchanged, so a single forward,
 prefix capture and calibration are bit-for-bit what they were.
@@ -29,6 +31,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from intactkv_modifier.kv_quant.fast_decode import kernel_decode
 from intactkv_modifier.kv_quant.packed_ops import key_scores, weighted_values
 from intactkv_modifier.kv_quant.stream import Segment, segment_tokens
 
@@ -114,19 +117,36 @@ def packed_attention(
         raise NotImplementedError("attention sinks (s_aux) are not supported by the packed KV-cache attention")
     scaling = kwargs.get("scaling")
     scaling = module.head_dim**-0.5 if scaling is None else scaling
-    heads, kv_heads = query.shape[1], key.shape[1]
-    output = query.new_empty(query.shape[0], query.shape[2], heads, query.shape[3])
+    softcap = kwargs.get("softcap")
+    if len(past.groups) == 1 and past.groups[0].rows is None:  # one group of all rows: no scatter, no copy
+        return _attend_group(query, key, value, attention_mask, past.groups[0], scaling, softcap), None
+    output = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for group in past.groups:
-        attended = _attend(
-            _rows(query, group.rows).unflatten(1, (kv_heads, heads // kv_heads)),
-            [*group.keys, _rows(key, group.rows)],
-            [*group.values, _rows(value, group.rows)],
-            None if attention_mask is None else _rows(attention_mask, group.rows),
-            scaling,
-            kwargs.get("softcap"),
+        output[group.rows] = _attend_group(
+            _rows(query, group.rows), _rows(key, group.rows), _rows(value, group.rows),
+            None if attention_mask is None else _rows(attention_mask, group.rows), group, scaling, softcap,
         )
-        output[slice(None) if group.rows is None else group.rows] = attended.flatten(1, 2).transpose(1, 2)
     return output, None
+
+
+def _attend_group(
+    query: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    mask: torch.Tensor | None,
+    group: PackedRows,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One row group's attention output ``[b, queries, heads, head_dim]`` (a view of the result, not a copy)."""
+    heads, kv_heads = query.shape[1], new_keys.shape[1]
+    grouped_query = query.unflatten(1, (kv_heads, heads // kv_heads))
+    attended = kernel_decode(grouped_query, group.keys, group.values, new_keys, new_values, mask, scaling, softcap)
+    if attended is None:
+        attended = _attend(
+            grouped_query, [*group.keys, new_keys], [*group.values, new_values], mask, scaling, softcap
+        )
+    return attended.flatten(1, 2).transpose(1, 2)
 
 
 def _attend(

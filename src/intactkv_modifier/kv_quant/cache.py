@@ -9,8 +9,9 @@ is stored in three parts:
 * the **quantized** blocks: packed codes plus scales/minimums
   (:mod:`~intactkv_modifier.kv_quant.quantizer`);
 * the **residual**: the newest tokens, at least ``residual_length`` of them, in
-  full precision (KIVI). Tokens leave it for the quantized part in whole groups:
-  per-channel keys in blocks of ``group_size`` tokens, per-token values one by one.
+  full precision (KIVI). Tokens leave it for the quantized part in whole blocks,
+  keys and values together: ``group_size`` tokens when the keys are grouped per
+  channel (a per-channel group needs them all), one by one only when neither is.
 
 Attention reads what the cache stores for every earlier token and the exact
 states for the tokens of the current call, as a fused kernel would: a single
@@ -30,6 +31,7 @@ not depend on what else is in the batch or on how far it is left-padded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,11 +111,12 @@ class KeyFavoredQuantizedLayer(CacheLayerMixin):
         rows_by_length: dict[int, list[int]] = {}
         for row, length in enumerate(full_precision_lengths):
             rows_by_length.setdefault(length, []).append(row)
+        block = math.lcm(self.key_settings.token_block, self.value_settings.token_block)
         self._groups = [
             _RowGroup(
                 rows=torch.tensor(rows),
-                keys=TokenStream(self.key_settings, self.residual_length, length),
-                values=TokenStream(self.value_settings, self.residual_length, length),
+                keys=TokenStream(self.key_settings, self.residual_length, length, block),
+                values=TokenStream(self.value_settings, self.residual_length, length, block),
             )
             for length, rows in rows_by_length.items()
         ]

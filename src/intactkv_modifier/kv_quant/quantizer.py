@@ -42,15 +42,6 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
 
-    def concat(self, other: QuantizedTensor) -> QuantizedTensor:
-        """Append ``other``'s tokens after this tensor's."""
-        return QuantizedTensor(
-            codes=torch.cat([self.codes, other.codes], dim=2),
-            scale=torch.cat([self.scale, other.scale], dim=2),
-            minimum=torch.cat([self.minimum, other.minimum], dim=2),
-            settings=self.settings,
-        )
-
     def drop_leading(self, tokens: int) -> QuantizedTensor:
         """Without the first ``tokens`` tokens (whole groups when grouped per channel); views, no copy."""
         block = self.settings.token_block
@@ -61,12 +52,6 @@ class QuantizedTensor:
             scale=self.scale[:, :, tokens // block :],
             minimum=self.minimum[:, :, tokens // block :],
             settings=self.settings,
-        )
-
-    def compact(self) -> QuantizedTensor:
-        """A copy owning its storage: a view from :meth:`drop_leading` keeps the dropped tokens' bytes alive."""
-        return QuantizedTensor(
-            codes=self.codes.clone(), scale=self.scale.clone(), minimum=self.minimum.clone(), settings=self.settings
         )
 
     def select_rows(self, index: torch.Tensor) -> QuantizedTensor:

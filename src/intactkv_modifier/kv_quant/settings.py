@@ -10,6 +10,7 @@ arXiv 2402.02750). The settings are plain JSON so that a checkpoint's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -153,7 +154,7 @@ class KVQuantSettings(BaseModel):
 
     def full_precision_tokens(self) -> int:
         """The most newest tokens a layer keeps exact (after the prefix): the residual plus an unfilled key block."""
-        return self.residual_length + max(self.keys.token_block, self.values.token_block) - 1
+        return self.residual_length + math.lcm(self.keys.token_block, self.values.token_block) - 1
 
     @classmethod
     def from_config_value(cls, value: Any) -> KVQuantSettings:

@@ -1,6 +1,11 @@
 """One tensor (keys or values) of a group of cache rows along the token axis: FP prefix | quantized | FP residual.
 
 Tokens are addressed by *slot*, their index in the row (left padding included).
+Tokens leave the residual in blocks shared by a layer's keys and values (the
+larger of their groups along the token axis): per-token values could leave one
+by one, but quantizing them with the keys' blocks costs one quantization per
+block instead of one per decoded token, and keeps them exact a little longer.
+
 A sliding-window layer makes its streams forget the slots no later query can
 see: the prefix and the residual drop single tokens, the quantized region whole
 blocks (a per-channel group cannot be split), so a stream may hold up to a block
@@ -15,6 +20,7 @@ import torch
 
 from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, quantize
 from intactkv_modifier.kv_quant.settings import TensorQuantSettings
+from intactkv_modifier.kv_quant.storage import QuantizedStore
 
 __all__ = ["QuantizedSegment", "Segment", "TokenStream", "quantizable_tokens"]
 
@@ -56,16 +62,25 @@ def dequantized(segment: Segment, dtype: torch.dtype) -> torch.Tensor:
 
 
 class TokenStream:
-    """Keys or values of one group of rows: the first ``prefix_length`` slots exact, then quantized, then exact."""
+    """Keys or values of one group of rows: the first ``prefix_length`` slots exact, then quantized, then exact.
 
-    def __init__(self, settings: TensorQuantSettings, residual_length: int, prefix_length: int):
+    :param block: tokens leave the residual in multiples of this (a multiple of
+        the settings' own :attr:`~TensorQuantSettings.token_block`; by default that)
+    """
+
+    def __init__(
+        self, settings: TensorQuantSettings, residual_length: int, prefix_length: int, block: int | None = None
+    ):
         self.settings = settings
         self.residual_length = residual_length
         self.prefix_length = prefix_length
+        self.block = settings.token_block if block is None else block
+        if self.block % settings.token_block:
+            raise ValueError(f"a block of {self.block} tokens does not hold whole groups of {settings.token_block}")
         self.length = 0
         self.prefix: torch.Tensor | None = None
         self.prefix_start = 0
-        self.quantized: QuantizedTensor | None = None
+        self.quantized: QuantizedStore | None = None
         self.quantized_start = prefix_length
         self.residual: torch.Tensor | None = None
 
@@ -88,7 +103,8 @@ class TokenStream:
         if self.quantized is not None and start - self.quantized_start < self.quantized.num_tokens:
             skip = max(0, start - self.quantized_start)
             whole = skip // self.settings.token_block * self.settings.token_block
-            kept = self.quantized.drop_leading(whole) if whole else self.quantized
+            kept = self.quantized.tensor()
+            kept = kept.drop_leading(whole) if whole else kept
             parts.append(QuantizedSegment(kept, skip - whole))
         if self.residual is not None:
             residual_start = self.length - self.residual.shape[2]
@@ -117,41 +133,39 @@ class TokenStream:
             self.prefix = torch.cat([self.prefix, states[:, :, :room]], dim=2)
             states = states[:, :, room:]
         pending = torch.cat([self.residual, states], dim=2)
-        forgot_quantized = self._forget(keep_from)
+        self._forget(keep_from)
         pending_start = self.length - pending.shape[2]
         stale = min(max(0, keep_from - pending_start), pending.shape[2])
         pending, pending_start = pending[:, :, stale:], pending_start + stale
-        count = quantizable_tokens(pending.shape[2], self.residual_length, self.settings.token_block)
+        count = quantizable_tokens(pending.shape[2], self.residual_length, self.block)
         if count:
             block = quantize(pending[:, :, :count], self.settings)
             if self.quantized is None:
-                self.quantized, self.quantized_start = block, pending_start
+                self.quantized = QuantizedStore(block)
             else:
-                self.quantized = self.quantized.concat(block)
-        elif forgot_quantized and self.quantized is not None:
-            self.quantized = self.quantized.compact()
+                self.quantized.append(block)
+            if self.quantized.num_tokens == count:  # nothing older held (first block, or all forgotten)
+                self.quantized_start = pending_start
         # a view would keep the quantized or forgotten tokens' full-precision storage alive
         self.residual = pending[:, :, count:].clone() if count or stale else pending
 
-    def _forget(self, keep_from: int) -> bool:
-        """Drop the prefix tokens and the whole quantized blocks before slot ``keep_from``; whether blocks went."""
+    def _forget(self, keep_from: int) -> None:
+        """Drop the prefix tokens and the whole quantized blocks before slot ``keep_from``."""
         if self.prefix is not None:
             drop = min(max(0, keep_from - self.prefix_start), self.prefix.shape[2])
             if drop:
                 self.prefix = self.prefix[:, :, drop:].clone()
                 self.prefix_start += drop
         if self.quantized is None:
-            return False
+            return
         block = self.settings.token_block
         drop = min(max(0, keep_from - self.quantized_start) // block * block, self.quantized.num_tokens)
-        if not drop:
-            return False
-        self.quantized_start += drop
-        self.quantized = None if drop == self.quantized.num_tokens else self.quantized.drop_leading(drop)
-        return True
+        if drop:
+            self.quantized_start += drop
+            self.quantized.drop_leading(drop)
 
     def select_rows(self, index: torch.Tensor) -> TokenStream:
-        selected = TokenStream(self.settings, self.residual_length, self.prefix_length)
+        selected = TokenStream(self.settings, self.residual_length, self.prefix_length, self.block)
         selected.length, selected.prefix_start, selected.quantized_start = (
             self.length, self.prefix_start, self.quantized_start
         )

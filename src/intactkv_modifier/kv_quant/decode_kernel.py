@@ -1,0 +1,254 @@
+"""Triton kernels for one decode step over a packed cache: the codes are read once, nothing is dequantized to memory.
+
+One query token per row (the GQA group of a KV head is one tile of queries).
+The quantized tokens are split across programs (flash-decoding): each program
+walks its share in tiles, widens the 2/3/4/8-bit codes of keys (per-channel
+scales, one row per ``group_size`` tokens) and values (per-token scales) in
+registers, and keeps a running softmax; a second kernel attends the few
+full-precision tokens (intact prefix, residual window, the new token) and merges
+every partial result. Memory read per step is therefore the packed bytes plus the
+scales, which is what makes a quantized cache faster than a full-precision one
+at long contexts instead of slower.
+
+Only imported when Triton is installed (``triton`` ships with CUDA builds of
+torch); ``TRITON_INTERPRET=1`` runs the same kernels on the CPU for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from intactkv_modifier.kv_quant.quantizer import QuantizedTensor
+
+__all__ = ["decode_attention"]
+
+#: Programs to aim for, so that a small batch still fills the GPU (an H100 has 132 SMs)
+TARGET_PROGRAMS = 264
+#: Masked scores: finite, so that a fully masked tile cannot turn the running maximum into NaN
+MASKED = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _widen(codes_ptr, row_offsets, channels, valid, BITS: tl.constexpr):
+    """Codes ``[tokens, channels]`` of a packed row: code ``c`` starts at bit ``c * BITS`` (see ``packing``)."""
+    bit = channels * BITS
+    pointers = codes_ptr + row_offsets[:, None] + (bit >> 3)[None, :]
+    word = tl.load(pointers, mask=valid[:, None], other=0).to(tl.int32)
+    if (8 % BITS) != 0:  # a 3-bit code may straddle two bytes
+        spills = ((bit & 7) + BITS > 8)[None, :]
+        word |= tl.load(pointers + 1, mask=valid[:, None] & spills, other=0).to(tl.int32) << 8
+    return (word >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _mask_scores(scores, mask_ptr, mask_stride, columns, valid, MASK_KIND: tl.constexpr):
+    """Apply the attention mask of these columns (0: none, 1: boolean keep, 2: additive) and drop invalid ones."""
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptr + columns * mask_stride, mask=valid, other=0) != 0
+        valid = valid & keep
+    if MASK_KIND == 2:
+        scores += tl.load(mask_ptr + columns * mask_stride, mask=valid, other=0.0).to(tl.float32)[None, :]
+    return tl.where(valid[None, :], scores, MASKED), valid
+
+
+@triton.jit
+def _load_query(query_ptr, row, head, q_row, q_head, q_group,
+                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The GQA group's queries ``[GROUP_PAD, HEAD_DIM]``, zero rows past ``GROUP`` (a dot needs 16 rows)."""
+    queries = tl.arange(0, GROUP_PAD)
+    return tl.load(
+        query_ptr + row * q_row + head * q_head + queries[:, None] * q_group + tl.arange(0, HEAD_DIM)[None, :],
+        mask=(queries < GROUP)[:, None], other=0.0,
+    )
+
+
+@triton.jit
+def _attend_tile(query, keys, values, valid, mask_ptr, mask_column, columns, scaling,
+                 running_max, running_sum, accumulated, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of tokens into the running softmax: the updated ``(maximum, sum, weighted values)``."""
+    scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * scaling
+    scores, valid = _mask_scores(scores, mask_ptr, mask_column, columns, valid, MASK_KIND)
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    probs = tl.where(valid[None, :], tl.exp(scores - new_max[:, None]), 0.0)
+    rescale = tl.exp(running_max - new_max)
+    running_sum = running_sum * rescale + tl.sum(probs, axis=1)
+    weighted = tl.dot(probs.to(query.dtype), values, input_precision=PRECISION)
+    return new_max, running_sum, accumulated * rescale[:, None] + weighted
+
+
+#: Arguments that change from step to step (lengths, and strides of buffers that grow): Triton would otherwise
+#: compile a variant for each divisibility it sees, in the middle of decoding
+_PARTIALS_DYNAMIC = [
+    "q_row", "q_head", "kc_row", "kc_head", "ks_row", "ks_head", "vc_row", "vc_head", "vs_row", "vs_head",
+    "mask_row", "mask_column", "first_column", "tokens", "skip", "tokens_per_split", "splits",
+]
+_MERGE_DYNAMIC = [
+    "q_row", "q_head", "fp_row", "fp_head", "mask_row", "mask_column", "exact_before", "quantized_columns",
+    "o_row", "o_head", "exact_tokens", "splits",
+]
+
+
+@triton.jit(do_not_specialize=_PARTIALS_DYNAMIC)
+def _quantized_partials_kernel(
+    query_ptr, q_row, q_head, q_group,
+    key_codes_ptr, kc_row, kc_head, kc_token,
+    key_scale_ptr, key_min_ptr, ks_row, ks_head, ks_block,
+    value_codes_ptr, vc_row, vc_head, vc_token,
+    value_scale_ptr, value_min_ptr, vs_row, vs_head, vs_token,
+    mask_ptr, mask_row, mask_column, first_column,
+    partial_out_ptr, partial_max_ptr, partial_sum_ptr,
+    kv_heads, tokens, skip, tokens_per_split, splits, scaling,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+    KEY_BITS: tl.constexpr, KEY_GROUP: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUP: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+):
+    program, split = tl.program_id(0), tl.program_id(1)
+    row, head = program // kv_heads, program % kv_heads
+    channels = tl.arange(0, HEAD_DIM)
+    query = _load_query(query_ptr, row, head, q_row, q_head, q_group, GROUP, GROUP_PAD, HEAD_DIM)
+    running_max = tl.full([GROUP_PAD], MASKED, tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    accumulated = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    begin = split * tokens_per_split
+    end = tl.minimum(begin + tokens_per_split, tokens)
+    for tile_start in range(begin, end, TILE):
+        token = tile_start + tl.arange(0, TILE)
+        valid = (token >= skip) & (token < end)
+        codes = _widen(key_codes_ptr + row * kc_row + head * kc_head, token * kc_token, channels, valid, KEY_BITS)
+        statistics = row * ks_row + head * ks_head + (tile_start // KEY_GROUP) * ks_block + channels
+        scale = tl.load(key_scale_ptr + statistics).to(tl.float32)
+        minimum = tl.load(key_min_ptr + statistics).to(tl.float32)
+        keys = (codes.to(tl.float32) * scale[None, :] + minimum[None, :]).to(query.dtype)
+        codes = _widen(value_codes_ptr + row * vc_row + head * vc_head, token * vc_token, channels, valid, VALUE_BITS)
+        statistics = row * vs_row + head * vs_head + token[:, None] * vs_token + (channels // VALUE_GROUP)[None, :]
+        scale = tl.load(value_scale_ptr + statistics, mask=valid[:, None], other=0.0).to(tl.float32)
+        minimum = tl.load(value_min_ptr + statistics, mask=valid[:, None], other=0.0).to(tl.float32)
+        values = (codes.to(tl.float32) * scale + minimum).to(query.dtype)
+        running_max, running_sum, accumulated = _attend_tile(
+            query, keys, values, valid, mask_ptr + row * mask_row, mask_column, first_column + token - skip, scaling,
+            running_max, running_sum, accumulated, MASK_KIND, PRECISION,
+        )
+    queries = tl.arange(0, GROUP_PAD)
+    slot = program * splits + split
+    tl.store(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :], accumulated)
+    tl.store(partial_max_ptr + slot * GROUP_PAD + queries, running_max)
+    tl.store(partial_sum_ptr + slot * GROUP_PAD + queries, running_sum)
+
+
+@triton.jit(do_not_specialize=_MERGE_DYNAMIC)
+def _exact_and_merge_kernel(
+    query_ptr, q_row, q_head, q_group,
+    keys_ptr, values_ptr, fp_row, fp_head, fp_token,
+    mask_ptr, mask_row, mask_column, exact_before, quantized_columns,
+    partial_out_ptr, partial_max_ptr, partial_sum_ptr,
+    out_ptr, o_row, o_head, o_group,
+    kv_heads, exact_tokens, splits, scaling,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+):
+    program = tl.program_id(0)
+    row, head = program // kv_heads, program % kv_heads
+    queries = tl.arange(0, GROUP_PAD)
+    channels = tl.arange(0, HEAD_DIM)
+    query = _load_query(query_ptr, row, head, q_row, q_head, q_group, GROUP, GROUP_PAD, HEAD_DIM)
+    running_max = tl.full([GROUP_PAD], MASKED, tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    accumulated = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for tile_start in range(0, exact_tokens, TILE):
+        token = tile_start + tl.arange(0, TILE)
+        valid = token < exact_tokens
+        offsets = row * fp_row + head * fp_head + token[:, None] * fp_token + channels[None, :]
+        keys = tl.load(keys_ptr + offsets, mask=valid[:, None], other=0.0)
+        values = tl.load(values_ptr + offsets, mask=valid[:, None], other=0.0)
+        running_max, running_sum, accumulated = _attend_tile(
+            query, keys, values, valid, mask_ptr + row * mask_row, mask_column,
+            tl.where(token < exact_before, token, token + quantized_columns), scaling,
+            running_max, running_sum, accumulated, MASK_KIND, PRECISION,
+        )
+    for split in range(0, splits):
+        slot = program * splits + split
+        partial_max = tl.load(partial_max_ptr + slot * GROUP_PAD + queries)
+        new_max = tl.maximum(running_max, partial_max)
+        mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max)
+        partial = tl.load(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :])
+        accumulated = accumulated * mine[:, None] + partial * theirs[:, None]
+        running_sum = running_sum * mine + tl.load(partial_sum_ptr + slot * GROUP_PAD + queries) * theirs
+        running_max = new_max
+    output = accumulated / running_sum[:, None]
+    tl.store(
+        out_ptr + row * o_row + head * o_head + queries[:, None] * o_group + channels[None, :],
+        output.to(query.dtype), mask=(queries < GROUP)[:, None],
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    quantized_keys: QuantizedTensor | None,
+    quantized_values: QuantizedTensor | None,
+    skip: int,
+    exact_keys: torch.Tensor,
+    exact_values: torch.Tensor,
+    exact_before: int,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of one query token per row over a packed past; ``[b, kv_heads, group, d]`` -> the same shape.
+
+    :param quantized_keys: per-channel keys (``None``: nothing quantized yet), with
+        ``quantized_values`` the per-token values of the same tokens
+    :param skip: leading quantized tokens not to attend (older tokens of the first group)
+    :param exact_keys: the full-precision tokens ``[b, kv_heads, tokens, d]``: the first
+        ``exact_before`` come before the quantized ones in slot order, the rest after
+    :param mask: ``[b, columns]`` over the attended slots in order (boolean keep or
+        additive), or ``None``
+    """
+    batch, kv_heads, group, head_dim = query.shape
+    group_pad = max(16, triton.next_power_of_2(group))
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    mask_arg = query if mask is None else mask
+    mask_strides = (0, 0) if mask is None else (mask.stride(0), mask.stride(1))
+    quantized_columns = splits = 0
+    partial_out = partial_max = partial_sum = query  # unread when nothing is quantized
+    if quantized_keys is not None and quantized_values is not None:
+        tokens = quantized_keys.num_tokens
+        quantized_columns = tokens - skip
+        key_group = quantized_keys.settings.group_size
+        tile = math.gcd(key_group, 64)
+        per_split = max(tile, -(-tokens // max(1, TARGET_PROGRAMS // (batch * kv_heads))))
+        per_split = -(-per_split // tile) * tile
+        splits = -(-tokens // per_split)
+        slots = batch * kv_heads * splits * group_pad  # one allocation for the three partial results
+        scratch = query.new_empty(slots * (head_dim + 2), dtype=torch.float32)
+        partial_out, partial_max, partial_sum = scratch.split([slots * head_dim, slots, slots])
+        kc, ks, vc, vs = quantized_keys.codes, quantized_keys.scale, quantized_values.codes, quantized_values.scale
+        _quantized_partials_kernel[(batch * kv_heads, splits)](
+            query, query.stride(0), query.stride(1), query.stride(2),
+            kc, kc.stride(0), kc.stride(1), kc.stride(2),
+            ks, quantized_keys.minimum, ks.stride(0), ks.stride(1), ks.stride(2),
+            vc, vc.stride(0), vc.stride(1), vc.stride(2),
+            vs, quantized_values.minimum, vs.stride(0), vs.stride(1), vs.stride(2),
+            mask_arg, *mask_strides, exact_before,
+            partial_out, partial_max, partial_sum,
+            kv_heads, tokens, skip, per_split, splits, scaling,
+            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, TILE=tile,
+            KEY_BITS=quantized_keys.settings.bits, KEY_GROUP=key_group,
+            VALUE_BITS=quantized_values.settings.bits, VALUE_GROUP=quantized_values.settings.group_size,
+            MASK_KIND=mask_kind, PRECISION=precision,
+        )
+    output = torch.empty_like(query)
+    _exact_and_merge_kernel[(batch * kv_heads,)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        exact_keys, exact_values, exact_keys.stride(0), exact_keys.stride(1), exact_keys.stride(2),
+        mask_arg, *mask_strides, exact_before, quantized_columns,
+        partial_out, partial_max, partial_sum,
+        output, output.stride(0), output.stride(1), output.stride(2),
+        kv_heads, exact_keys.shape[2], splits, scaling,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, TILE=16,
+        MASK_KIND=mask_kind, PRECISION=precision,
+    )
+    return output
