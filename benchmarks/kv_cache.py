@@ -281,14 +281,17 @@ def load_fp(args: argparse.Namespace) -> PreTrainedModel:
     return model
 
 
+def split_windows(args: argparse.Namespace, tokenizer: Any, split: str, count: int) -> torch.Tensor:
+    """``count`` windows of ``split``: from ``--windows-file`` (the tokens another run saw), else the corpus."""
+    if args.windows_file:
+        return saved_windows(args.windows_file, split, count)
+    return token_windows(tokenizer, load_corpus_text(split), args.prefix, args.length, count)
+
+
 def load_gptq(args: argparse.Namespace, tokenizer: Any) -> PreTrainedModel:
     """GPTQ W3 g128 + IntactKV on ``--calibration-windows`` windows of the calibration split, quantized here."""
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(args.device).eval()
-    count = args.calibration_windows
-    calib = (
-        saved_windows(args.windows_file, "calibration", count) if args.windows_file
-        else token_windows(tokenizer, load_corpus_text("calibration"), args.prefix, args.length, count)
-    )
+    calib = split_windows(args, tokenizer, "calibration", args.calibration_windows)
     gptq = GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
@@ -399,10 +402,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     args.prefix = [tokenizer.bos_token_id]
-    windows = (
-        saved_windows(args.windows_file, "eval", args.windows) if args.windows_file
-        else token_windows(tokenizer, load_corpus_text("eval"), args.prefix, args.length, args.windows)
-    )
+    windows = split_windows(args, tokenizer, "eval", args.windows)
 
     fp_model = load_fp(args)
     configs, allocation = kv_configs(args, fp_model)

@@ -44,13 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kv_cache import cached_perplexity, limit_bytes_per_token, load_fp
+from kv_cache import cached_perplexity, limit_bytes_per_token, load_fp, split_windows
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import Cache, QuantizedCache
 
-from intactkv_modifier.eval.corpus import load_corpus_text
-from intactkv_modifier.eval.perplexity import saved_windows, token_windows
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings
 from intactkv_modifier.kv_quant.attention import packed_implementation
 from intactkv_modifier.kv_quant.fast_decode import kernel_available
@@ -257,10 +255,7 @@ def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
 def perplexity_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     args.prefix = [tokenizer.bos_token_id]
-    windows = (
-        saved_windows(args.windows_file, "eval", args.windows) if args.windows_file
-        else token_windows(tokenizer, load_corpus_text("eval"), args.prefix, args.length, args.windows)
-    )
+    windows = split_windows(args, tokenizer, "eval", args.windows)
     model = load_fp(args)
     model.set_attn_implementation(packed_implementation(model.config._attn_implementation))
     rows = []

@@ -35,8 +35,6 @@ class GrowingTensor:
 
     def __init__(self, first: torch.Tensor, units_per_token: float = 1.0):
         self.units_per_token = units_per_token
-        self.storage = first.new_empty(0)
-        self.start = self.end = 0
         self._reallocate(first.shape[2], first[:, :, :0])
         self.append(first)
 
