@@ -14,8 +14,6 @@ import os
 import sys
 from typing import Any
 
-from loguru import logger
-
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
 
 __version__ = "0.1.0"
@@ -74,7 +72,7 @@ if QUANTIZATION_AVAILABLE:
     ModifierFactory.register("IntactKVModifier", IntactKVModifier)
     install_loading_hook()
 else:
-    logger.debug("intactkv_modifier: llm-compressor is not installed; only the checkpoint format and vLLM plugin load")
+    # No log line here: this runs in every vLLM process of a serving install, where it would only be noise.
 
     def __getattr__(name: str) -> Any:
         if name in _NEEDS_QUANTIZE_EXTRA:

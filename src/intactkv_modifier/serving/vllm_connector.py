@@ -1,45 +1,53 @@
-"""vLLM KV connector that fills the pivot prefix's KV slots with the checkpoint's stored K/V.
+"""vLLM KV connector that puts the checkpoint's stored prefix K/V into vLLM's paged cache.
 
 vLLM loads this module by path (``kv_connector_module_path``) once the plugin
 (:mod:`intactkv_modifier.serving.vllm_plugin`) has configured it; nothing else
 imports it, so it may import vLLM at the top.
 
-Scheduler side: for a prompt that starts with the stored prefix, the prefix
-positions vLLM does not already hold are reported as externally computed, so
-vLLM allocates their slots and does not compute them. Worker side: before the
-forward pass of that step, the stored K/V are scattered into those slots (one
-scatter per layer), so every later token attends to the full-precision prefix.
-Everything that decides *what* goes *where* lives in the vLLM-free modules
-:mod:`~intactkv_modifier.serving.matching` and :mod:`~intactkv_modifier.serving.paged`.
+Two ways in, both through the attention backend's own ``do_kv_cache_update``
+(the op vLLM itself stores every computed token with), so the bytes land in
+whatever arrangement and format that backend keeps:
+
+- **Loaded** (ordinary requests): the prefix positions vLLM does not already
+  hold are reported as externally computed, so vLLM allocates their slots and
+  skips computing them; before the step's forward pass they are written.
+- **Overwritten** (requests that need an output at every prompt position:
+  prompt log-probabilities, pooling): vLLM computes the whole prompt; right
+  before each attention layer runs (after vLLM stored the step's K/V, before
+  any query reads them) the prefix slots are overwritten with the stored K/V,
+  so every position, prefix ones included, attends to the intact prefix.
+
+Every layer is proven at start: the whole prefix is written into free blocks
+through the backend's store, read back with the backend's arrangement
+(:mod:`~intactkv_modifier.serving.cache_layouts`) and compared; the first real
+write of each worker is checked the same way. A backend, arrangement or cache
+format that cannot be proven stops the engine with the reason.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from loguru import logger
+from vllm.config import get_layers_from_vllm_config
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.model_executor.layers.attention import Attention
 
-from intactkv_modifier.checkpoint import checkpoint_folder, read_prefix
+from intactkv_modifier.checkpoint import StoredPrefix, checkpoint_folder, read_prefix
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
+from intactkv_modifier.serving.cache_layouts import UnverifiableCacheError, layout_for
+from intactkv_modifier.serving.layer_prefix import FP8_CACHE_DTYPES, LayerPrefix, cache_codes
+from intactkv_modifier.serving.log import logger
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
-from intactkv_modifier.serving.paged import (
-    PrefixLoad,
-    check_cache_layout,
-    kv_head_slice,
-    layer_index_of,
-    pack_layer,
-    slot_indices,
-    write_prefix,
-)
-from intactkv_modifier.serving.vllm_plugin import hub_access
+from intactkv_modifier.serving.paged import PrefixLoad, SlotIndices, kv_head_slice, layer_index_of, slot_indices
+from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, hub_access
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -53,18 +61,24 @@ if TYPE_CHECKING:
 
 __all__ = ["IntactKVConnector", "IntactKVConnectorMetadata"]
 
-_FLOAT_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REMEDY = (
+    f"Serve it with --kv-cache-dtype auto on a supported attention backend, or set {ALLOW_PLAIN_ENV}=1 to serve "
+    "it without IntactKV (VLLM_PLUGINS='' turns the plugin off)."
+)
 
 
 @dataclass
 class IntactKVConnectorMetadata(KVConnectorMetadata):
-    """The prefix loads of one scheduler step, sent to every worker."""
+    """One scheduler step's prefix writes, sent to every worker."""
 
+    #: Positions vLLM does not compute: written before the forward pass.
     loads: list[PrefixLoad] = field(default_factory=list)
+    #: Positions vLLM computes in this step: overwritten before each layer's attention.
+    overwrites: list[PrefixLoad] = field(default_factory=list)
 
 
 class IntactKVConnector(KVConnectorBase_V1):
-    """Loads the stored pivot-prefix K/V into vLLM's paged cache; saves nothing."""
+    """Writes the stored pivot-prefix K/V into vLLM's paged cache; saves nothing."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -87,10 +101,14 @@ class IntactKVConnector(KVConnectorBase_V1):
         self._block_size: int = groups[0].kv_cache_spec.block_size
         # scheduler side
         self._pending: list[PrefixLoad] = []
+        self._whole_prompt: dict[str, list[int]] = {}  # request id -> its blocks, for requests vLLM computes whole
         self._block_pool: BlockPool | None = None
-        # worker side: (cache, packed prefix rows) per attention layer of this rank
-        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # worker side
+        self._layers: dict[str, LayerPrefix] = {}
         self._kernel_block_size = 0
+        self._first_write_checked = False
+        self._overwrites: SlotIndices | None = None
+        self._overwritten: set[str] = set()
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -98,7 +116,7 @@ class IntactKVConnector(KVConnectorBase_V1):
         self._block_pool = gpu_block_pool
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        if _needs_every_prompt_position(request):
+        if _computes_whole_prompt(request.sampling_params, request.pooling_params):
             return 0, False
         window = prefix_positions_to_load(
             request.prompt_token_ids, self._prefix, num_computed_tokens, request.num_tokens
@@ -106,21 +124,46 @@ class IntactKVConnector(KVConnectorBase_V1):
         return len(window), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        (block_ids,) = blocks.get_block_ids()
         if num_external_tokens:
+            (block_ids,) = blocks.get_block_ids()
             end = loadable_prefix_end(len(self._prefix), request.num_tokens)
             self._pending.append(PrefixLoad(tuple(block_ids), end - num_external_tokens, end))
-        elif _needs_every_prompt_position(request) and starts_with_prefix(request.prompt_token_ids, self._prefix):
-            # Computed without the stored prefix: keep those blocks out of the prefix
-            # cache, or later requests sharing their tokens would reuse quantized prefix K/V.
-            self._forget_cached(block_ids[: -(-len(self._prefix) // self._block_size)])
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> IntactKVConnectorMetadata:
-        metadata = IntactKVConnectorMetadata(loads=self._pending)
+        metadata = IntactKVConnectorMetadata(loads=self._pending, overwrites=self._overwrites_of(scheduler_output))
         self._pending = []
         return metadata
 
+    def _overwrites_of(self, scheduler_output: SchedulerOutput) -> list[PrefixLoad]:
+        """Prefix positions that requests computing their whole prompt compute in this step."""
+        computed: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            if _computes_whole_prompt(new.sampling_params, new.pooling_params) and starts_with_prefix(
+                new.prompt_token_ids, self._prefix
+            ):
+                (ids,) = new.block_ids
+                self._whole_prompt[new.req_id] = list(ids)
+                computed[new.req_id] = new.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        for index, req_id in enumerate(cached.req_ids):
+            if req_id not in self._whole_prompt:
+                continue
+            if (new_blocks := cached.new_block_ids[index]) is not None:
+                (ids,) = new_blocks
+                if req_id in cached.resumed_req_ids:
+                    self._whole_prompt[req_id] = list(ids)
+                else:
+                    self._whole_prompt[req_id].extend(ids)
+            computed[req_id] = cached.num_computed_tokens[index]
+        overwrites = []
+        for req_id, start in computed.items():
+            end = min(len(self._prefix), start + scheduler_output.num_scheduled_tokens[req_id])
+            if start < end:
+                overwrites.append(PrefixLoad(tuple(self._whole_prompt[req_id]), start, end))
+        return overwrites
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._whole_prompt.pop(request.request_id, None)
         prompt = request.prompt_token_ids
         if prompt is not None and list(prompt) == list(self._prefix):
             # The prompt was the bare prefix: its last token had to be computed, not loaded,
@@ -146,55 +189,160 @@ class IntactKVConnector(KVConnectorBase_V1):
             )
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         heads = kv_head_slice(self._config.num_key_value_heads, rank, size)
-        seen: dict[int, str] = {}
+        attention = get_layers_from_vllm_config(self._vllm_config, Attention, list(kv_caches))
+        owners: dict[int, str] = {}
         for name, cache in kv_caches.items():
-            if not isinstance(cache, torch.Tensor) or cache.dtype not in _FLOAT_CACHE_DTYPES:
-                raise ValueError(f"IntactKV serving needs unquantized attention KV caches; {name} has another kind")
-            layer = layer_index_of(name)
-            if layer >= self._config.num_layers:
-                raise ValueError(
-                    f"KV cache layer {name} is beyond the {self._config.num_layers} layers the stored prefix covers "
-                    "(a speculative-decoding draft model?); serve this checkpoint without a draft model."
-                )
-            if cache.data_ptr() in seen:
-                raise ValueError(f"{seen[cache.data_ptr()]} and {name} share one KV cache; IntactKV cannot fill both")
-            seen[cache.data_ptr()] = name
-            packed = pack_layer(stored.keys[layer], stored.values[layer], heads)
-            packed = packed.to(device=cache.device, dtype=cache.dtype)
-            check_cache_layout(cache, packed)
-            self._layers.append((cache, packed))
-        kernel_block_sizes = {cache.shape[2] for cache, _ in self._layers}
+            if cache.data_ptr() in owners:
+                raise ValueError(f"{owners[cache.data_ptr()]} and {name} share one KV cache; IntactKV cannot fill both")
+            owners[cache.data_ptr()] = name
+            if name not in attention:
+                raise UnverifiableCacheError(f"KV cache {name} belongs to no attention layer IntactKV knows. {_REMEDY}")
+            self._layers[name] = self._layer_prefix(name, cache, attention[name], stored, heads)
+        kernel_block_sizes = {layer.cache.shape[2] for layer in self._layers.values()}
         if len(kernel_block_sizes) != 1:
             raise ValueError(f"attention layers use different KV block sizes {sorted(kernel_block_sizes)}")
         (self._kernel_block_size,) = kernel_block_sizes
+        self._prove_every_layer()
+        first = next(iter(self._layers.values()))
         logger.info(
-            f"IntactKV: {len(self._layers)} layers of a {len(self._prefix)}-token prefix from {stored.source}, "
-            f"KV heads {heads.start}..{heads.stop - 1} on tensor-parallel rank {rank}/{size}"
+            "IntactKV: %d layers of a %d-token prefix from %s, KV heads %d..%d on tensor-parallel rank %d/%d, "
+            "written through the attention backend's own store (%s) and read back exactly",
+            len(self._layers), len(self._prefix), stored.source, heads.start, heads.stop - 1, rank, size,
+            first.layout.name,
         )
 
+    def _layer_prefix(
+        self, name: str, cache: torch.Tensor, layer: Attention, stored: StoredPrefix, heads: slice
+    ) -> LayerPrefix:
+        """The layer's prefix rows in the model dtype, the store vLLM uses for the layer, and its cache's reader."""
+        index = layer_index_of(name)
+        if index >= self._config.num_layers:
+            raise ValueError(
+                f"KV cache layer {name} is beyond the {self._config.num_layers} layers the stored prefix covers "
+                "(a speculative-decoding draft model?); serve this checkpoint without a draft model."
+            )
+        backend = layer.attn_backend
+        if backend.forward_includes_kv_cache_update or not hasattr(layer.impl, "do_kv_cache_update"):
+            raise UnverifiableCacheError(
+                f"attention backend {backend.get_name()} of {name} stores K/V inside its attention call, so the "
+                f"stored prefix cannot be written through vLLM's own store before attention reads it. {_REMEDY}"
+            )
+        layout = layout_for(backend.get_name(), getattr(layer, "isa", None))
+        model_dtype = self._vllm_config.model_config.dtype
+        keys, values = (
+            rows[index][heads].transpose(0, 1).to(device=cache.device, dtype=model_dtype).contiguous()
+            for rows in (stored.keys, stored.values)
+        )
+        code_dtype = FP8_CACHE_DTYPES.get(layer.kv_cache_dtype, cache.dtype)
+        key_scale, value_scale = _scale(layer, "_k_scale", name), _scale(layer, "_v_scale", name)
+
+        def store(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+            layer.impl.do_kv_cache_update(layer, key, value, cache, slot_mapping)
+
+        return LayerPrefix(
+            name=name,
+            cache=cache,
+            keys=keys,
+            values=values,
+            expected_keys=cache_codes(keys, code_dtype, key_scale),
+            expected_values=cache_codes(values, code_dtype, value_scale),
+            store=store,
+            layout=layout,
+        )
+
+    def _prove_every_layer(self) -> None:
+        """Write the whole prefix into the first free blocks of every layer, read it back, restore the blocks."""
+        size = self._kernel_block_size
+        blocks = tuple(range(-(-len(self._prefix) // size)))
+        slots = slot_indices([PrefixLoad(blocks, 0, len(self._prefix))], size, size)
+        for layer in self._layers.values():
+            try:
+                layer.self_test(slots.to(layer.cache.device))
+            except UnverifiableCacheError as error:
+                raise UnverifiableCacheError(f"{error}. {_REMEDY}") from error
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Called before every forward pass (before or after :meth:`start_load_kv`, by vLLM version)."""
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, IntactKVConnectorMetadata)
+        self._overwritten.clear()
+        overwrites = connector_metadata.overwrites
+        self._overwrites = self._slots(overwrites) if overwrites else None
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Write this step's loaded prefix positions; vLLM calls it before the forward pass when a load is due."""
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, IntactKVConnectorMetadata)
         if not metadata.loads:
             return
-        slots = slot_indices(metadata.loads, self._block_size, self._kernel_block_size)
-        slots = slots.to(self._layers[0][0].device)
-        for cache, packed in self._layers:
-            write_prefix(cache, packed, slots)
+        slots = self._slots(metadata.loads)
+        for layer in self._layers.values():
+            layer.write(slots)
+        if not self._first_write_checked:
+            for layer in self._layers.values():
+                layer.verify(slots)
+            self._first_write_checked = True
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing to wait for: :meth:`start_load_kv` writes on the forward pass's stream, before it."""
+        """Overwrite the prefix positions this step computed, after vLLM stored them and before attention reads."""
+        if self._overwrites is not None and layer_name in self._layers:
+            self._layers[layer_name].write(self._overwrites)
+            self._overwritten.add(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        """IntactKV only loads."""
+        """IntactKV only writes the prefix."""
 
     def wait_for_save(self) -> None:
-        """IntactKV only loads."""
+        """After the forward pass: every layer must have had its computed prefix positions overwritten.
+
+        vLLM calls :meth:`wait_for_layer_load` from its attention op, which a
+        replayed full CUDA graph skips; a step like that (a one-token prefill
+        chunk in a decode-only batch) fails here rather than return outputs
+        computed without the intact prefix.
+        """
+        if self._overwrites is not None and self._overwritten != set(self._layers):
+            missing = sorted(set(self._layers) - self._overwritten)
+            raise RuntimeError(
+                f"IntactKV: vLLM ran the attention of {len(missing)} layers ({missing[0]}, ...) without calling the "
+                "connector (a replayed full CUDA graph?), so prefix positions computed in this step hold the "
+                "quantized model's K/V. Serve with --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
+                "--enforce-eager."
+            )
+        self._overwrites = None
+
+    def _slots(self, loads: list[PrefixLoad]) -> SlotIndices:
+        device = next(iter(self._layers.values())).cache.device
+        return slot_indices(loads, self._block_size, self._kernel_block_size).to(device)
 
 
-def _needs_every_prompt_position(request: Request) -> bool:
-    """Prompt logprobs and pooling read outputs at every prompt position, which loaded positions lack."""
-    sampling = request.sampling_params
-    return request.pooling_params is not None or (sampling is not None and sampling.prompt_logprobs is not None)
+def _computes_whole_prompt(sampling_params: Any, pooling_params: Any) -> bool:
+    """Requests that read an output at every prompt position (prompt log-probabilities, pooling), or that skip
+    vLLM's prefix cache (which makes vLLM ignore external tokens too): vLLM computes their prefix positions."""
+    if pooling_params is not None:
+        return True
+    if sampling_params is None:
+        return False
+    return (
+        sampling_params.prompt_logprobs is not None
+        or getattr(sampling_params, "prompt_logprob_token_ids", None) is not None
+        or bool(getattr(sampling_params, "skip_reading_prefix_cache", False))
+    )
+
+
+def _scale(layer: Attention, attribute: str, name: str) -> float:
+    """The layer's per-tensor fp8 scale (1.0 for an unquantized cache); per-head scales are not verified here."""
+    scale = getattr(layer, attribute, None)
+    if scale is None:
+        return 1.0
+    if scale.numel() != 1:
+        raise UnverifiableCacheError(
+            f"{name} quantizes its KV cache with {scale.numel()} scales (one per head); IntactKV verifies only a "
+            f"per-tensor scale. {_REMEDY}"
+        )
+    value = float(scale.item())
+    if not math.isfinite(value) or value <= 0:
+        raise UnverifiableCacheError(f"{name} has KV-cache scale {value}. {_REMEDY}")
+    return value
+

@@ -22,12 +22,11 @@ plugin off (``VLLM_PLUGINS=""`` loads no general plugin).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-from loguru import logger
 
 from intactkv_modifier.checkpoint import (
     SIDE_FILE_PATH,
@@ -38,11 +37,14 @@ from intactkv_modifier.checkpoint import (
     read_prefix_tensors,
 )
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
+from intactkv_modifier.serving.layer_prefix import FP8_CACHE_DTYPES
+from intactkv_modifier.serving.log import logger
 
 __all__ = [
     "ALLOW_PLAIN_ENV",
     "CONNECTOR_CLASS",
     "CONNECTOR_MODULE",
+    "SERVABLE_CACHE_DTYPES",
     "ConnectorDecision",
     "decide_connector",
     "hub_access",
@@ -54,9 +56,10 @@ ALLOW_PLAIN_ENV = "INTACTKV_ALLOW_PLAIN_SERVING"
 
 CONNECTOR_CLASS = "IntactKVConnector"
 CONNECTOR_MODULE = "intactkv_modifier.serving.vllm_connector"
-#: KV cache dtypes that hold the prefix as stored (up to a float cast); fp8 and
-#: other quantized caches would quantize the very K/V IntactKV keeps intact.
-UNQUANTIZED_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+#: ``--kv-cache-dtype`` values whose cache the connector writes through vLLM's own store and reads back to prove
+#: it: unquantized caches hold the prefix as stored, fp8 caches its fp8 codes. vLLM's other formats (per-token-head
+#: int4/int8/fp8, nvfp4, TurboQuant, UltraQuant) keep codes IntactKV cannot read back, so they are refused.
+SERVABLE_CACHE_DTYPES = ("auto", "bfloat16", "float16", *FP8_CACHE_DTYPES)
 
 _MARK = "_intactkv_wrapped"
 
@@ -78,13 +81,16 @@ def decide_connector(
     kv_connector: str | None,
     kv_offloading_size: float | None,
     enable_lora: bool = False,
+    allow_plain: bool = False,
 ) -> ConnectorDecision:
     """Pure decision, so every case is tested without vLLM.
 
     Anything that would make vLLM behave differently from its plain self for a
-    model without the block is excluded first; a model with the block but a
-    setting IntactKV cannot honour is served as plain vLLM, with a warning;
-    LoRA, which would pair adapted weights with the base model's prefix K/V, is refused.
+    model without the block is excluded first. A model with the block and a
+    KV-cache format IntactKV cannot write and verify is refused (served plain,
+    with a warning, only when ``allow_plain``); another KV connector chosen by
+    the user wins, with a warning; LoRA, which would pair adapted weights with
+    the base model's prefix K/V, is refused.
     """
     if block is None:
         return ConnectorDecision(False, "DEBUG", f"IntactKV: {model} has no `{CONFIG_KEY}`; vLLM runs unchanged")
@@ -105,14 +111,21 @@ def decide_connector(
             f"connector; serving WITHOUT IntactKV. Combine both with vLLM's MultiConnector, naming "
             f"{{'kv_connector': '{CONNECTOR_CLASS}', 'kv_connector_module_path': '{CONNECTOR_MODULE}'}} first.",
         )
-    if kv_cache_dtype not in UNQUANTIZED_CACHE_DTYPES:
-        return ConnectorDecision(
-            False,
-            "WARNING",
-            f"IntactKV: {model} carries a full-precision prefix K/V, but --kv-cache-dtype {kv_cache_dtype} would "
-            "quantize it; serving WITHOUT IntactKV.",
+    if kv_cache_dtype not in SERVABLE_CACHE_DTYPES:
+        reason = (
+            f"IntactKV: {model} carries a stored prefix K/V, but --kv-cache-dtype {kv_cache_dtype} keeps K/V in a "
+            f"format IntactKV cannot write and verify (it serves {', '.join(SERVABLE_CACHE_DTYPES)})"
+        )
+        if allow_plain:
+            plain = f"{reason}; serving WITHOUT IntactKV because {ALLOW_PLAIN_ENV}=1."
+            return ConnectorDecision(False, "WARNING", plain)
+        raise ValueError(
+            f"{reason}. Serve it with one of those, or set {ALLOW_PLAIN_ENV}=1 to serve it without IntactKV "
+            "(VLLM_PLUGINS='' turns the plugin off)."
         )
     serving = f"IntactKV: serving {model} with its stored K/V for prompts starting with {block.prefix_token_ids}"
+    if kv_cache_dtype in FP8_CACHE_DTYPES:
+        serving += f" (as {kv_cache_dtype} codes in the {kv_cache_dtype} KV cache, written through vLLM's own store)"
     if block.kv_cache is not None:
         return ConnectorDecision(
             True,
@@ -170,8 +183,9 @@ def _configure(engine_args: Any) -> None:
         kv_connector=None if transfer is None else transfer.kv_connector,
         kv_offloading_size=getattr(engine_args, "kv_offloading_size", None),
         enable_lora=bool(getattr(engine_args, "enable_lora", False)),
+        allow_plain=os.environ.get(ALLOW_PLAIN_ENV) == "1",
     )
-    logger.log(decision.level, decision.message)
+    logger.log(logging.getLevelName(decision.level), decision.message)
     if not decision.inject:
         return
     assert folder is not None and block is not None
@@ -204,7 +218,7 @@ def _local_folder(model: str, access: HubAccess) -> Path | None:
     except (OSError, ValueError) as error:  # huggingface_hub's HTTP errors are OSErrors
         reason = f"IntactKV: cannot read config.json of {model} to learn whether it declares IntactKV ({error})"
         if os.environ.get(ALLOW_PLAIN_ENV) == "1":
-            logger.warning(f"{reason}; serving WITHOUT IntactKV because {ALLOW_PLAIN_ENV}=1.")
+            logger.warning("%s; serving WITHOUT IntactKV because %s=1.", reason, ALLOW_PLAIN_ENV)
             return None
         raise RuntimeError(
             f"{reason}. Fix the access (revision, --hf-token, network), or set {ALLOW_PLAIN_ENV}=1 to serve it "
