@@ -1,0 +1,253 @@
+"""Serving through a real vLLM engine, started by these tests: vLLM's CPU build here and in CI, vLLM on a GPU.
+
+vLLM pins its own compressed-tensors, so on the CPU the engine runs in
+``.venv-serving`` (``scripts/serving_setup.sh``); on the GPU machine vLLM sits in
+the test environment itself. Checkpoints and the transformers references are
+made here, and prompts travel as token ids. Without any vLLM these tests skip,
+unless ``INTACTKV_REQUIRE_SERVING=1`` (CI) makes its absence a failure.
+
+Tolerances: vLLM and transformers both run the model in bfloat16 here but
+order their sums differently; a log-probability is a difference of logits of
+magnitude up to ~10, each rounded to bfloat16 (relative step 2**-8 = 0.0039),
+so two correct runs may differ by up to ~10 * 0.0039 ~ 0.04: :data:`BF16_LOGPROB`.
+The stored prefix is shifted far from the model's own (:data:`SHIFT` apart), so
+matching one reference and not the other cannot happen by noise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import BOS, load, run_python
+
+from intactkv_modifier import attach_intact_kv, capture_prefix_kv, intact_kv_disabled
+from intactkv_modifier.capture import PrefixKV
+from intactkv_modifier.eval.vllm_runs import EngineRun, FirstTokenJob, PromptLogprobsJob, run_engine
+from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV
+
+pytestmark = pytest.mark.serving
+
+REPO = Path(__file__).resolve().parents[1]
+#: Two correct bfloat16 runs of one model differ by at most this in a log-probability (module docstring).
+BF16_LOGPROB = 0.05
+#: The stored prefix moves the references' log-probabilities at least this far apart: 4x the tolerance.
+SHIFT = 4 * BF16_LOGPROB
+PREFIX = [BOS, 7, 8]
+
+
+def serving_python() -> Path:
+    """``INTACTKV_SERVING_PYTHON``, else ``.venv-serving``, else this interpreter where it has vLLM itself."""
+    if named := os.environ.get("INTACTKV_SERVING_PYTHON"):
+        return Path(named)
+    venv = REPO / ".venv-serving" / "bin" / "python"
+    if venv.exists():
+        return venv
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    reason = f"no vLLM: neither {venv} (bash scripts/serving_setup.sh creates it) nor vLLM in this environment"
+    if os.environ.get("INTACTKV_REQUIRE_SERVING") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def on_cpu(python: Path) -> bool:
+    return python != Path(sys.executable) or not torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Served:
+    """A checkpoint and what transformers says of its prompts, with and without the stored prefix."""
+
+    folder: Path
+    prompts: list[list[int]]
+    intact: list[torch.Tensor]  # [positions, vocab] log-probabilities, IntactKV on
+    plain: list[torch.Tensor]  # the same with IntactKV off
+
+    def starts_with_prefix(self, index: int) -> bool:
+        return self.prompts[index][: len(PREFIX)] == PREFIX
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dirs, tmp_path_factory) -> Served:
+    """Tiny Llama with a 3-token prefix whose stored K/V are shifted, saved in bfloat16 as vLLM serves it."""
+    model = load(tiny_model_dirs["llama"])
+    kv = capture_prefix_kv(model, PREFIX)
+    generator = torch.Generator().manual_seed(3)
+    shifted = PrefixKV(
+        keys=[k + 0.5 * torch.randn(k.shape, generator=generator) for k in kv.keys],
+        values=[v + 2.0 * torch.randn(v.shape, generator=generator) for v in kv.values],
+    )
+    attach_intact_kv(model, PREFIX, shifted)
+    model = model.to(torch.bfloat16).eval()
+    folder = tmp_path_factory.mktemp("served") / "tiny"
+    model.save_pretrained(folder)
+    for tokenizer_file in tiny_model_dirs["llama"].glob("tokenizer*"):
+        shutil.copy(tokenizer_file, folder)
+
+    words = [torch.randint(4, 124, (21,), generator=generator).tolist() for _ in range(5)]
+    prompts = [PREFIX + w for w in words] + [w[:2] + PREFIX + w[2:] for w in words[:2]] + [PREFIX[:2] + words[0]]
+    with torch.no_grad():
+        intact = [model(torch.tensor([p])).logits[0].float().log_softmax(-1) for p in prompts]
+        with intact_kv_disabled(model):
+            plain = [model(torch.tensor([p])).logits[0].float().log_softmax(-1) for p in prompts]
+    return Served(folder, prompts, intact, plain)
+
+
+def first_token_distance(got: dict[str, float], want: torch.Tensor) -> float:
+    """Largest difference over the tokens vLLM returned, against the reference's last position."""
+    return max(abs(logprob - float(want[-1, int(token)])) for token, logprob in got.items())
+
+
+def prompt_distance(prompt: list[int], got: list[float | None], want: torch.Tensor) -> float:
+    """Largest difference over every prompt position vLLM scored (position 0 has no prediction)."""
+    return max(abs(lp - float(want[i - 1, prompt[i]])) for i, lp in enumerate(got) if lp is not None)
+
+
+def engine(served: Served, **settings) -> EngineRun:
+    jobs = [FirstTokenJob(prompts=served.prompts, passes=2), PromptLogprobsJob(prompts=served.prompts)]
+    return EngineRun(model=str(served.folder), max_model_len=64, jobs=jobs, **settings)
+
+
+def assert_matches(served: Served, answer, with_prefix: bool) -> None:
+    """Prompts starting with the prefix follow ``intact`` (``plain`` without the plugin), all others ``plain``."""
+    first_passes, prompt_logprobs = answer.results
+    for index, prompt in enumerate(served.prompts):
+        expected = served.intact if with_prefix and served.starts_with_prefix(index) else served.plain
+        other = served.plain if expected is served.intact else served.intact
+        for first in first_passes:  # the second pass is served from vLLM's prefix cache
+            assert first_token_distance(first[index], expected[index]) < BF16_LOGPROB, (index, first[index])
+        assert prompt_logprobs[index][0] is None and all(lp is not None for lp in prompt_logprobs[index][1:])
+        assert prompt_distance(prompt, prompt_logprobs[index], expected[index]) < BF16_LOGPROB, index
+        if served.starts_with_prefix(index):
+            assert prompt_distance(prompt, prompt_logprobs[index], other[index]) > SHIFT, index
+
+
+def test_references_tell_the_stored_prefix_apart(tiny):
+    for index in range(len(tiny.prompts)):
+        distance = float((tiny.intact[index] - tiny.plain[index]).abs().max())
+        assert distance > SHIFT if tiny.starts_with_prefix(index) else distance == 0.0
+
+
+def test_vllm_serves_the_stored_prefix_and_leaves_other_prompts_alone(tiny):
+    answer = run_engine(serving_python(), engine(tiny))
+    assert_matches(tiny, answer, with_prefix=True)
+    lines = [line for line in answer.log.splitlines() if "IntactKV:" in line]
+    assert any("read back exactly" in line for line in lines), answer.log[-3000:]
+    vllm_format = re.compile(r"(INFO|WARNING|DEBUG|ERROR) \d\d-\d\d \d\d:\d\d:\d\d \[[\w.]+\.py:\d+\] IntactKV: ")
+    assert all(vllm_format.search(line) for line in lines), lines  # logged as vLLM logs
+    assert "| DEBUG" not in answer.log and "intactkv_modifier:<module>" not in answer.log  # no loguru sink
+
+
+def test_vllm_without_the_plugin_serves_the_plain_model(tiny):
+    assert_matches(tiny, run_engine(serving_python(), engine(tiny, plugin=False)), with_prefix=False)
+
+
+def test_chunked_prefill_splitting_the_prefix_keeps_it_intact(tiny):
+    """Chunks of 2 tokens: the 3-token prefix is loaded, or overwritten, across two steps."""
+    answer = run_engine(serving_python(), engine(tiny, max_num_batched_tokens=2, max_num_seqs=2))
+    assert_matches(tiny, answer, with_prefix=True)
+
+
+def test_unverifiable_kv_cache_formats_are_refused_at_start(tiny, monkeypatch):
+    monkeypatch.delenv(ALLOW_PLAIN_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="int8_per_token_head keeps K/V in a format IntactKV cannot write"):
+        run_engine(serving_python(), engine(tiny, kv_cache_dtype="int8_per_token_head"))
+
+
+def test_fp8_kv_cache_holds_the_stored_prefix_as_fp8_codes(tiny):
+    """On the CPU in float16, so vLLM's CPU attention picks its vec kernels (AMX is bfloat16 only) on every x86."""
+    python = serving_python()
+    if on_cpu(python) and not torch.cpu._is_avx512_supported():
+        pytest.skip("vLLM's fp8 KV cache on the CPU needs AVX-512")
+    answer = run_engine(python, engine(tiny, dtype="float16", kv_cache_dtype="fp8"))
+    assert "as fp8 codes" in answer.log
+    first, _ = answer.results[0]
+    for index in range(len(tiny.prompts)):
+        if tiny.starts_with_prefix(index):  # fp8 noise on every position, but far closer to the stored prefix
+            to_intact = first_token_distance(first[index], tiny.intact[index])
+            assert to_intact < first_token_distance(first[index], tiny.plain[index]) / 2
+
+
+# ------------------------------------------------------------------------- vLLM's own code, without an engine
+
+_CPU_STORE_ROUND_TRIP = r"""
+import json, torch, vllm._custom_ops as ops
+from intactkv_modifier.serving import (
+    CpuAttentionLayout, KeysBesideValues, LayerPrefix, SlotIndices, UnverifiableCacheError, cache_codes,
+)
+
+isas = ["vec", "vec16"] + (["amx"] if torch.cpu._is_amx_tile_supported() else [])
+checked, refused = [], []
+for isa in isas:
+    for dtype in ([torch.bfloat16] if isa == "amx" else [torch.bfloat16, torch.float16, torch.float32]):
+        for dim in (32, 64, 80, 256):
+            if dim % 32 and isa != "vec16":
+                continue
+            heads, block, blocks, count = 3, 32, 6, 70
+            generator = torch.Generator().manual_seed(dim)
+            key = torch.randn(count, heads, dim, generator=generator).to(dtype)
+            value = torch.randn(count, heads, dim, generator=generator).to(dtype)
+            cache = torch.zeros(blocks, heads, block, 2 * dim, dtype=dtype)
+
+            def store(k, v, slot_mapping):
+                key_cache, value_cache = cache.view(blocks, heads, 2 * block, dim).chunk(2, dim=2)
+                ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slot_mapping, isa)
+
+            slots = SlotIndices(torch.randperm(blocks * block, generator=generator)[:count], torch.arange(count))
+            prefix = LayerPrefix("layer", cache, key, value, key, value, store, CpuAttentionLayout(isa))
+            prefix.self_test(slots)
+            assert int(cache.count_nonzero()) == 0  # the self-test put the blocks back
+            prefix.write(slots)
+            prefix.verify(slots)
+            checked.append([isa, str(dtype), dim])
+            try:
+                LayerPrefix("layer", cache, key, value, key, value, store, KeysBesideValues()).verify(slots)
+            except UnverifiableCacheError as error:
+                refused.append(str(error))
+print("RESULT " + json.dumps({"checked": checked, "refused": refused}))
+"""
+
+
+def test_vllm_cpu_store_is_read_back_exactly_and_a_wrong_layout_is_refused():
+    """vLLM's real CPU cache store, every instruction set this CPU runs, dtypes and head sizes."""
+    python = serving_python()
+    if not on_cpu(python):
+        pytest.skip("vLLM's GPU build has no CPU attention")
+    report = run_python(_CPU_STORE_ROUND_TRIP, python=python, timeout=300)
+    assert len(report["checked"]) >= 18, report["checked"]
+    assert len(report["refused"]) == len(report["checked"])
+    assert all("are not the stored ones" in message for message in report["refused"])
+
+
+_SIGNATURES = r"""
+import inspect, json
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+from intactkv_modifier.serving.vllm_connector import IntactKVConnector
+
+report = {}
+for name, ours in vars(IntactKVConnector).items():
+    if name.startswith("_") and name != "__init__" or not callable(ours):
+        continue
+    theirs = getattr(KVConnectorBase_V1, name, None)
+    report[name] = None if theirs is None else [
+        list(inspect.signature(ours).parameters), list(inspect.signature(theirs).parameters)
+    ]
+print("RESULT " + json.dumps(report))
+"""
+
+
+def test_every_connector_method_we_override_exists_in_the_installed_vllm():
+    report = run_python(_SIGNATURES, python=serving_python(), timeout=300)
+    assert "register_kv_caches" in report and "wait_for_layer_load" in report
+    for name, signatures in report.items():
+        assert signatures is not None, f"vLLM's KVConnectorBase_V1 has no {name}"
+        ours, theirs = signatures
+        assert ours == theirs, (name, ours, theirs)
