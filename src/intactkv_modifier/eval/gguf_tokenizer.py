@@ -1,4 +1,10 @@
-"""A correct fast tokenizer for a SentencePiece-BPE model shipped as GGUF (Gemma 3).
+"""A correct fast tokenizer for a model shipped as GGUF.
+
+Two cases. A GPT-2-style byte-level BPE vocabulary (SmolLM2: ``tokenizer.ggml.model``
+``gpt2``, merges stored) converts correctly with transformers' own GGUF
+conversion, whose special tokens are then set from the GGUF's fields (transformers
+5.17 makes EOS the BOS piece and sets no pad token). A SentencePiece-BPE
+vocabulary (Gemma 3) is rebuilt here:
 
 transformers' own GGUF tokenizer conversion gets Gemma 3 wrong (it splits
 "capital" into c/ap/it/al), so the tokenizer is rebuilt here from what the GGUF
@@ -15,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["GGUFVocabulary", "read_gguf_vocabulary", "sentencepiece_bpe_tokenizer"]
+__all__ = ["GGUFVocabulary", "converted_bpe_tokenizer", "read_gguf_vocabulary", "sentencepiece_bpe_tokenizer"]
 
 SPACE = "\u2581"  # SentencePiece's visible space
 
@@ -62,6 +68,27 @@ def read_gguf_vocabulary(path: Path) -> GGUFVocabulary:
         pad_id=scalar("tokenizer.ggml.padding_token_id"),
         add_bos=bool(fields["tokenizer.ggml.add_bos_token"].contents()),
     )
+
+
+def converted_bpe_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """transformers' conversion of the GGUF's byte-level BPE tokenizer, chat template included, with the
+    BOS/EOS/PAD pieces the GGUF names (EOS ends a chat turn: ``generate`` and padding rely on it)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    model = fields["tokenizer.ggml.model"].contents()
+    if model != "gpt2":
+        raise ValueError(f"{path.name} holds a {model!r} tokenizer; this conversion is for byte-level BPE ('gpt2')")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.clean_up_tokenization_spaces = False  # it would strip spaces before punctuation from BPE text
+    context = f"{fields['general.architecture'].contents()}.context_length"
+    if context in fields:
+        tokenizer.model_max_length = int(fields[context].contents())
+    for role in ("bos", "eos", "pad"):
+        key = f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id"
+        if key in fields:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(fields[key].contents())))
+    return tokenizer
 
 
 def sentencepiece_bpe_tokenizer(vocabulary: GGUFVocabulary, special_pieces: frozenset[str]) -> PreTrainedTokenizerFast:
