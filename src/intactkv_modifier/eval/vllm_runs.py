@@ -17,12 +17,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["EngineAnswer", "EngineRun", "FirstTokenJob", "GreedyJob", "PromptLogprobsJob", "run_engine"]
+__all__ = [
+    "EngineAnswer",
+    "EngineRun",
+    "FirstTokenJob",
+    "GreedyJob",
+    "PromptLogprobsJob",
+    "ThroughputJob",
+    "run_engine",
+]
 
 TokenIds = list[int]
 
@@ -56,7 +65,16 @@ class GreedyJob(_Frozen):
     max_tokens: int = 16
 
 
-Job = Annotated[FirstTokenJob | PromptLogprobsJob | GreedyJob, Field(discriminator="kind")]
+class ThroughputJob(_Frozen):
+    """Decode tokens per second: all prompts at once, ``new_tokens`` each (EOS ignored), ``repeats`` times."""
+
+    kind: Literal["throughput"] = "throughput"
+    prompts: list[TokenIds]
+    new_tokens: int = 128
+    repeats: int = 3
+
+
+Job = Annotated[FirstTokenJob | PromptLogprobsJob | GreedyJob | ThroughputJob, Field(discriminator="kind")]
 
 
 class EngineRun(_Frozen):
@@ -74,12 +92,15 @@ class EngineRun(_Frozen):
     attention_backend: str | None = None
     #: CPU engines are always eager; on a GPU, False keeps vLLM's CUDA graphs.
     enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    #: Share of each GPU's memory vLLM takes (None: vLLM's default); unused on the CPU.
+    gpu_memory_utilization: float | None = None
     jobs: list[Job] = []
 
 
 class EngineAnswer(_Frozen):
     """Per job: first_token -> [pass][prompt] {token: logprob}; prompt_logprobs -> [prompt][position];
-    greedy -> [prompt] token ids."""
+    greedy -> [prompt] token ids; throughput -> [repeat] tokens per second."""
 
     load_seconds: float
     results: list[list]
@@ -111,6 +132,7 @@ def _serve(run: EngineRun) -> EngineAnswer:
     from vllm.inputs import TokensPrompt
 
     started = time.monotonic()
+    gpu = {} if run.gpu_memory_utilization is None else {"gpu_memory_utilization": run.gpu_memory_utilization}
     llm = LLM(
         model=run.model,
         dtype=run.dtype,
@@ -121,8 +143,10 @@ def _serve(run: EngineRun) -> EngineAnswer:
         kv_cache_dtype=run.kv_cache_dtype,
         attention_backend=run.attention_backend,
         enforce_eager=run.enforce_eager,
+        tensor_parallel_size=run.tensor_parallel_size,
         seed=0,
         skip_tokenizer_init=True,
+        **gpu,
     )
     load_seconds = time.monotonic() - started
 
@@ -138,9 +162,12 @@ def _serve(run: EngineRun) -> EngineAnswer:
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
             outputs = generate(job.prompts, params)
             results.append([_prompt_token_logprobs(p, out.prompt_logprobs) for p, out in zip(job.prompts, outputs)])
-        else:
+        elif isinstance(job, GreedyJob):
             params = SamplingParams(max_tokens=job.max_tokens, temperature=0.0, detokenize=False)
             results.append([list(out.outputs[0].token_ids) for out in generate(job.prompts, params)])
+        else:
+            params = SamplingParams(max_tokens=job.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+            results.append([_tokens_per_second(lambda: generate(job.prompts, params)) for _ in range(job.repeats)])
     return EngineAnswer(load_seconds=load_seconds, results=results)
 
 
@@ -150,6 +177,12 @@ def _first_token_logprobs(outputs: list) -> list[dict[str, float]]:
 
 def _prompt_token_logprobs(prompt: TokenIds, entries: list) -> list[float | None]:
     return [None if e is None or token not in e else e[token].logprob for token, e in zip(prompt, entries)]
+
+
+def _tokens_per_second(generate: Callable[[], list]) -> float:
+    started = time.perf_counter()
+    outputs = generate()
+    return sum(len(out.outputs[0].token_ids) for out in outputs) / (time.perf_counter() - started)
 
 
 def main() -> None:
