@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests benchmarks tools examples
+.venv/bin/ruff check src tests benchmarks tools examples setup.py
 exec .venv/bin/python -m pytest -q tests "$@"

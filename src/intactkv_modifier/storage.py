@@ -25,11 +25,11 @@ import torch
 from transformers import PreTrainedModel
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
-from intactkv_modifier.capture import PrefixKV
 from intactkv_modifier.checkpoint import forget_prefix, read_prefix_tensors, seal_prefix
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
 from intactkv_modifier.kv_quant.install import install_kv_quantization
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
+from intactkv_modifier.prefix_kv import PrefixKV
 from intactkv_modifier.runtime import IntactKVRuntime
 
 __all__ = ["attach_intact_kv", "config_of", "load_intact_kv", "prefix_kv_of"]
