@@ -15,9 +15,8 @@ What happens when, and why it costs (almost) nothing:
   put on ``sys.meta_path``; it recognises one module name and finds nothing else;
 - when ``transformers.modeling_utils`` is imported (the module that defines
   ``PreTrainedModel``, which every ``from_pretrained`` goes through), the finder
-  lets the real loader run it, then wraps ``from_pretrained`` and leaves
-  ``sys.meta_path``; a process that never loads a transformers model never gets
-  this far;
+  lets the real loader run it, then wraps ``from_pretrained`` and goes inert; a
+  process that never loads a transformers model never gets this far;
 - only when a loaded model's config carries ``intactkv_config`` does the wrapper
   import :mod:`intactkv_modifier.loading`, which applies the prefix or raises
   with the reason. Loading any other model imports nothing of ours and prints
@@ -60,7 +59,7 @@ def arm() -> None:
     modeling = sys.modules.get(TRIGGER)
     if modeling is not None and hasattr(modeling, "PreTrainedModel"):
         install(modeling.PreTrainedModel)
-    elif not any(isinstance(finder, _Watcher) for finder in sys.meta_path):
+    elif not any(isinstance(finder, _Watcher) and not finder.answered for finder in sys.meta_path):
         sys.meta_path.insert(0, _Watcher())
 
 
@@ -87,15 +86,21 @@ def install(pretrained_model: type) -> None:
 
 class _Watcher:
     """A ``sys.meta_path`` finder that finds nothing itself: for :data:`TRIGGER` it returns the spec the other
-    finders give, with a loader that runs :func:`install` once the module has executed; then it steps aside."""
+    finders give, with a loader that runs :func:`install` once the module has executed.
+
+    It answers once, then stays on ``sys.meta_path`` inert (one string comparison per import) rather than leaving
+    it: another thread may be iterating that list, and removing an entry would make it skip the next finder.
+    """
+
+    def __init__(self) -> None:
+        self.answered = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != TRIGGER:
+        if fullname != TRIGGER or self.answered:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
+        self.answered = True
         for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
+            find_spec = None if finder is self else getattr(finder, "find_spec", None)
             spec = None if find_spec is None else find_spec(fullname, path, target)
             if spec is not None:
                 if hasattr(spec.loader, "exec_module"):

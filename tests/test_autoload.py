@@ -7,6 +7,7 @@ imported the package, which arms the hook on its own.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -105,7 +106,7 @@ def test_the_pth_line_reads_the_opt_out_before_importing_anything_of_ours():
 _ARMED = r"""
 import json, sys
 print("RESULT " + json.dumps({
-    "armed": any(type(finder).__name__ == "_Watcher" for finder in sys.meta_path),
+    "armed": any(type(finder).__name__ == "_Watcher" and not finder.answered for finder in sys.meta_path),
     "imported": "_intactkv_autoload" in sys.modules,
 }))
 """
@@ -162,7 +163,7 @@ sys.modules["llmcompressor"] = None  # as in a vLLM environment: llm-compressor 
 import torch, transformers.modeling_utils as modeling
 from transformers import AutoModelForCausalLM
 
-watching = any(type(finder).__name__ == "_Watcher" for finder in sys.meta_path)
+watching = any(type(finder).__name__ == "_Watcher" and not finder.answered for finder in sys.meta_path)
 AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 plain_model = {"package_imported": "intactkv_modifier" in sys.modules}
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
@@ -186,7 +187,7 @@ def test_other_models_load_untouched_and_silent_and_prefixes_need_no_llm_compres
     quiet = _environment(HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     completed = _python(_OTHER_MODELS, str(tiny_model_dirs["llama"]), str(out), env=quiet)
     assert _result(completed) == {
-        "watching_after_transformers": False,  # it stepped aside once transformers' models were loaded
+        "watching_after_transformers": False,  # it went inert once transformers' models were loaded
         "real_loader": "SourceFileLoader",
         "spec_loader": "SourceFileLoader",
         "plain_model": {"package_imported": False},
@@ -203,6 +204,19 @@ def test_arming_again_wraps_from_pretrained_once():
     wrapper = PreTrainedModel.from_pretrained.__func__
     assert getattr(wrapper, "_intactkv_loading_hook", False)
     assert not getattr(wrapper.__wrapped__, "_intactkv_loading_hook", False)
+
+
+def test_the_watcher_answers_once_with_the_real_loader_then_stays_inert(monkeypatch):
+    """Staying on sys.meta_path (inert) is deliberate: removing it could make a concurrent import skip a finder."""
+    name = "colorsys"  # a small standard module that stands in for transformers.modeling_utils
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(_intactkv_autoload, "TRIGGER", name)
+    watcher = _intactkv_autoload._Watcher()
+    monkeypatch.setattr(sys, "meta_path", [watcher, *sys.meta_path])
+    with pytest.warns(RuntimeWarning, match="could not wrap"):  # colorsys has no PreTrainedModel to wrap
+        module = importlib.import_module(name)
+    assert type(module.__loader__).__name__ == "SourceFileLoader" and module.__spec__.loader is module.__loader__
+    assert watcher.answered and watcher in sys.meta_path and watcher.find_spec(name) is None
 
 
 def test_a_hook_that_cannot_install_warns_and_never_breaks_the_import():
