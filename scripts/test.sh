@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/serving_setup.sh
 .venv/bin/intactkv prepare smollm2-135m-instruct --out outputs/smollm2-135m-instruct -q > /dev/null
-.venv/bin/ruff check src tests benchmarks tools examples
+.venv/bin/ruff check src tests benchmarks tools examples setup.py
 INTACTKV_REQUIRE_SERVING=1 exec .venv/bin/python -m pytest -q tests "$@"

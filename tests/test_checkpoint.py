@@ -484,7 +484,8 @@ def test_push_to_hub_uploads_the_side_file_and_the_sealed_block(plain_checkpoint
         api, repo_id, operations, **kw))
     model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/tiny-intactkv")
     uploaded = tmp_path / "hub" / "me" / "tiny-intactkv"
-    assert (uploaded / SIDE_FILE_PATH).read_bytes() == (tmp_path / "local" / SIDE_FILE_PATH).read_bytes()
+    for name in (SIDE_FILE_PATH, "README.md"):  # the card tells the hub page's readers that the prefix needs us
+        assert (uploaded / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     _assert_same_prefix(load(uploaded), model)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from compressed_tensors.offload import get_execution_device
@@ -20,20 +19,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from intactkv_modifier.architecture import decoder_stack
 from intactkv_modifier.kv_quant.install import kv_quantization_of
+from intactkv_modifier.prefix_kv import PrefixKV
 
-__all__ = ["PrefixKV", "capture_prefix_kv", "full_precision_forward", "mean_relative_error", "model_kv_for_prefix"]
-
-
-@dataclass
-class PrefixKV:
-    """Per-layer prefix keys and values, each ``[num_key_value_heads, prefix_length, head_dim]``."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    def __post_init__(self) -> None:
-        if len(self.keys) != len(self.values):
-            raise ValueError(f"{len(self.keys)} key tensors but {len(self.values)} value tensors")
+__all__ = ["capture_prefix_kv", "full_precision_forward", "mean_relative_error", "model_kv_for_prefix"]
 
 
 @contextmanager
