@@ -16,7 +16,7 @@ from tiny_models import BOS, calibration_dataset, load, load_tokenizer
 import intactkv_modifier.recipes
 from intactkv_modifier import IntactKVModifier, PrefixKV, capture_prefix_kv, intact_kv_disabled, prefix_kv_of
 from intactkv_modifier.calibration import CalibrationSettings
-from intactkv_modifier.capture import model_kv_for_prefix
+from intactkv_modifier.kv_readout import model_kv_for_prefix
 
 RECIPES = Path(intactkv_modifier.recipes.__file__).parent
 
