@@ -33,17 +33,37 @@ import torch
 from loguru import logger
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from intactkv_modifier import intact_kv_disabled
+from intactkv_modifier import attach_intact_kv, intact_kv_disabled
 from intactkv_modifier.calibration import CalibrationSettings
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, token_windows
 from intactkv_modifier.integrations import IntactKVSettings, IntactPrefix, load_quantized
 from intactkv_modifier.kv_readout import replaced_error
+from intactkv_modifier.prefix_kv import PrefixKV
 
 #: The chat template's default system prompt: what every SmolLM2 chat starts with.
 SMOLLM2_SYSTEM_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 )
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A route's result: the model with its prefix attached (fitted, with calibration), and the capture itself."""
+
+    model: PreTrainedModel
+    prefix_token_ids: list[int]
+    captured: PrefixKV
+    fit_seconds: float | None
+    calibration: dict | None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> Quantized:
+        """What :mod:`intactkv_modifier.integrations` left on the model."""
+        intact = IntactPrefix.of(model)
+        assert intact is not None, "the route attached no intact prefix"
+        fit = intact.fit
+        return cls(model, intact.prefix_token_ids, intact.prefix_kv, fit and fit.seconds, fit and fit.calibration)
 
 
 @dataclass(frozen=True)
@@ -61,12 +81,39 @@ def load_fp(run: Run) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(run.model, dtype=torch.float32).eval()
 
 
+def llmcompressor_gptq(run: Run) -> Quantized:
+    """The same W4 through llm-compressor's oneshot and IntactKVModifier, on the same windows, for comparison."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from intactkv_modifier import IntactKVModifier, config_of
+
+    model = load_fp(run)
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=run.group_size)
+    gptq = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                        ignore=["lm_head"])
+    intactkv = IntactKVModifier(prefix_token_ids=run.settings.prefix_token_ids, calibration=run.settings.calibration)
+    rows = run.calibration
+    oneshot(
+        model=model, processor=run.tokenizer, recipe=[gptq, intactkv],
+        dataset=Dataset.from_dict({"input_ids": rows.tolist(), "attention_mask": torch.ones_like(rows).tolist()}),
+        num_calibration_samples=rows.shape[0], max_seq_length=rows.shape[1],
+    )
+    return Quantized(model, intactkv.resolved_prefix_token_ids, intactkv.captured_prefix_kv,
+                     intactkv.calibration_seconds, config_of(model).calibration)
+
+
 def optimum_gptq(run: Run) -> PreTrainedModel:
     from intactkv_modifier.integrations.optimum_gptq import IntactKVGPTQQuantizer
 
     rows = [{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in run.calibration]
+    # true_sequential=False: one Hessian pass per block instead of one per linear layer, 7x fewer block
+    # forwards, so that it fits the 2-core CPU (true_sequential ran at ~18 s per layer, an hour for SmolLM2)
     quantizer = IntactKVGPTQQuantizer(
-        bits=4, group_size=run.group_size, dataset=rows, model_seqlen=run.calibration.shape[1], intactkv=run.settings
+        bits=4, group_size=run.group_size, dataset=rows, model_seqlen=run.calibration.shape[1], intactkv=run.settings,
+        true_sequential=False,
     )
     return quantizer.quantize_model(load_fp(run), run.tokenizer)
 
@@ -99,8 +146,9 @@ def torchao_int4(run: Run) -> PreTrainedModel:
     ).eval()
 
 
-ROUTES: dict[str, tuple[Callable[[Run], PreTrainedModel], str]] = {
-    "optimum-gptq-w4": (optimum_gptq, "optimum GPTQ W4 g{group} (gptqmodel {gptqmodel})"),
+ROUTES: dict[str, tuple[Callable[[Run], PreTrainedModel | Quantized], str]] = {
+    "llmcompressor-gptq-w4": (llmcompressor_gptq, "llm-compressor GPTQ W4 g{group} (IntactKVModifier)"),
+    "optimum-gptq-w4": (optimum_gptq, "optimum GPTQ W4 g{group}, true_sequential off (gptqmodel {gptqmodel})"),
     "quanto-int4": (quanto("qint4"), "optimum-quanto int4 (quanto's groups: {quanto_groups})"),
     "quanto-int2": (quanto("qint2"), "optimum-quanto int2 (quanto's groups: {quanto_groups})"),
     "torchao-int4": (torchao_int4, "transformers TorchAoConfig int4 weight-only g{group} (torchao {torchao})"),
@@ -126,25 +174,24 @@ def label(name: str, args: argparse.Namespace) -> str:
 
 def measure(name: str, run: Run, evaluation: torch.Tensor, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    quantized = ROUTES[name][0](run)
-    intact = IntactPrefix.of(quantized)
-    assert intact is not None, f"{name} attached no intact prefix"
+    result = ROUTES[name][0](run)
+    quantized = result if isinstance(result, Quantized) else Quantized.of(result)
+    model = quantized.model
     row: dict = {"route": name, "label": label(name, args)}
-    fit = intact.fit
-    row["quantize_seconds"] = round(time.perf_counter() - started - (fit.seconds if fit else 0.0), 1)
+    row["quantize_seconds"] = round(time.perf_counter() - started - (quantized.fit_seconds or 0.0), 1)
 
     def score(desc: str) -> float:
-        return perplexity(quantized, evaluation, args.batch_size, f"{name}: {desc}", first_target=args.first_target)
+        return perplexity(model, evaluation, args.batch_size, f"{name}: {desc}", first_target=args.first_target)
 
-    if fit is not None:
-        row["calibration_seconds"] = round(fit.seconds, 1)
-        row["calibration"] = fit.calibration
+    if quantized.calibration is not None:
+        row["calibration_seconds"] = round(quantized.fit_seconds, 1)
+        row["calibration"] = quantized.calibration
         row["ppl_intactkv_cal"] = score("+IntactKV+Cal")
-        intact.attach(quantized)  # the captured prefix back: same weights, no fit
-    keys, values = replaced_error(quantized, intact.prefix_token_ids, intact.prefix_kv)
+        attach_intact_kv(model, quantized.prefix_token_ids, quantized.captured)  # same weights, the capture back
+    keys, values = replaced_error(model, quantized.prefix_token_ids, quantized.captured)
     row["error_replaced"] = {"keys": keys, "values": values}
     row["ppl_intactkv"] = score("+IntactKV")
-    with intact_kv_disabled(quantized):
+    with intact_kv_disabled(model):
         row["ppl_quantized"] = score("quantized")
     return row
 
@@ -189,7 +236,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--system-prompt", action="store_true",
                         help="the prefix is SmolLM2's chat-template system prompt (else the tokenizer's [BOS])")
-    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
+    parser.add_argument("--routes", nargs="+", default=[r for r in ROUTES if not r.startswith("llmcompressor")],
+                        choices=list(ROUTES))
     parser.add_argument("--group-size", type=int, default=128, help="GPTQ and torchao group size")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -251,6 +299,7 @@ def main() -> None:
         "not_run": [row for row in previous.get("not_run", []) if row["route"] not in args.routes],
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")  # the FP row, reused by --append
     for name in args.routes:
         logger.info(f"other quantizers: {name}")
         try:
