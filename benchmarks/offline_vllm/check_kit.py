@@ -1,7 +1,7 @@
 """Check the offline vLLM 0.26.0 kit in the interpreter that runs it (the GPU image's python3).
 
     python3 check_kit.py            # versions, requirement floors against the image, imports, GPU facts, plugin
-    python3 check_kit.py --smoke    # + LLM(...) on models/pivot-llama: FLASH_ATTN/TRITON_ATTN/FLEX_ATTENTION, TP 1 (and 2)
+    python3 check_kit.py --smoke    # + LLM(...) on models/pivot-llama: FLASH/TRITON/FLEX attention, TP 1 (and 2)
     python3 check_kit.py --serve    # + python -m vllm.entrypoints.openai.api_server, one request on 127.0.0.1
 
 Run from the repository root (models/pivot-llama is tracked there). Exit status 1 if a required check fails.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import json
-import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 KIT = {  # the wheels of the kit, exact versions
     "vllm": "0.26.0",
@@ -107,7 +107,8 @@ def check_requirements() -> None:
                     print(f"  WARN: {name} needs {r} - not installed")
                 continue
             if r.specifier and not r.specifier.contains(got, prereleases=True):
-                level = "info" if (name, norm(r.name)) in {("vllm", "compressed-tensors"), ("vllm", "numba")} else "WARN"
+                known = {("vllm", "compressed-tensors"), ("vllm", "numba")}  # overridden on purpose (README)
+                level = "info" if (name, norm(r.name)) in known else "WARN"
                 print(f"  {level}: {name} needs {r}, this interpreter has {r.name} {got}")
 
 
@@ -125,7 +126,6 @@ def check_gpu() -> None:
     print("== GPU facts")
     try:
         import torch
-
         from vllm.platforms import current_platform
 
         print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())
@@ -185,10 +185,11 @@ def serve() -> None:
     import urllib.request
 
     print("== api_server on 127.0.0.1:8011")
-    log = open("/tmp/kit_api_server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL,
-                             "--dtype", "bfloat16", "--enforce-eager", "--host", "127.0.0.1", "--port", "8011",
-                             "--gpu-memory-utilization", "0.3", "--max-model-len", "512"], stdout=log, stderr=log)
+    log_path = Path("/tmp/kit_api_server.log")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL,
+                                 "--dtype", "bfloat16", "--enforce-eager", "--host", "127.0.0.1", "--port", "8011",
+                                 "--gpu-memory-utilization", "0.3", "--max-model-len", "512"], stdout=log, stderr=log)
     try:
         for _ in range(240):
             if proc.poll() is not None:
@@ -202,7 +203,7 @@ def serve() -> None:
         req = urllib.request.Request("http://127.0.0.1:8011/v1/completions", body, {"Content-Type": "application/json"})
         print("SERVE-OK", json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["text"])
     except BaseException as e:  # noqa: BLE001
-        fail(f"api_server: {type(e).__name__}: {e}; log tail:\n" + open("/tmp/kit_api_server.log").read()[-3000:])
+        fail(f"api_server: {type(e).__name__}: {e}; log tail:\n" + log_path.read_text()[-3000:])
     finally:
         proc.terminate()
         try:
