@@ -8,4 +8,6 @@ bash scripts/setup.sh
 bash scripts/serving_setup.sh
 .venv/bin/intactkv prepare smollm2-135m-instruct --out outputs/smollm2-135m-instruct -q > /dev/null
 .venv/bin/ruff check src tests benchmarks tools examples setup.py
+# idle OpenMP threads sleep instead of spinning: the vLLM engine processes the tests start share the cores
+export OMP_WAIT_POLICY=PASSIVE
 INTACTKV_REQUIRE_SERVING=1 exec .venv/bin/python -m pytest -q tests "$@"

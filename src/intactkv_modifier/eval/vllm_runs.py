@@ -111,6 +111,9 @@ def run_engine(python: str | os.PathLike[str], run: EngineRun, timeout: float = 
     """Run ``run`` with the serving interpreter ``python``; fail with the engine's own log when it fails."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default (4) is more than small models need
+    # importing this package imports llm-compressor where it is installed, which touches CUDA: a forked engine
+    # process could not use it again
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     if not run.plugin:
         env["VLLM_PLUGINS"] = ""  # vLLM's allow-list: load no general plugin
     with tempfile.TemporaryDirectory() as folder:
