@@ -90,13 +90,14 @@ def kernel_decode(
 
 
 def _layout(segments: Sequence[Segment]) -> tuple[QuantizedSegment | None, int, int] | None:
-    """The quantized segment, the exact tokens before it and its skip; ``None`` for more than one quantized part."""
+    """The quantized segment, the exact tokens before it and its skip; ``None`` for more than one quantized part
+    or one cut at its end (the kernel reads a quantized segment to its last token)."""
     quantized: QuantizedSegment | None = None
     before = 0
     for segment in segments:
         if not isinstance(segment, QuantizedSegment):
             before += 0 if quantized is not None else segment.shape[2]
-        elif quantized is not None:
+        elif quantized is not None or segment.tail:
             return None
         else:
             quantized = segment

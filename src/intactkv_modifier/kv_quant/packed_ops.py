@@ -39,14 +39,14 @@ def key_scores(query: torch.Tensor, segment: Segment) -> torch.Tensor:
     if not isinstance(segment, QuantizedSegment):
         return query @ segment.transpose(-1, -2)
     scores = torch.cat([_quantized_key_scores(query, chunk) for chunk in _chunks(segment.tensor)], dim=-1)
-    return scores[..., segment.skip :]
+    return scores[..., segment.skip : segment.skip + segment.num_tokens]
 
 
 def weighted_values(probs: torch.Tensor, segment: Segment) -> torch.Tensor:
     """``probs @ values`` for the segment's tokens: ``[b, h, m, tokens]`` x segment -> ``[b, h, m, d]``."""
     if not isinstance(segment, QuantizedSegment):
         return probs @ segment
-    probs = torch.nn.functional.pad(probs, (segment.skip, 0))  # tokens before the window weigh nothing
+    probs = torch.nn.functional.pad(probs, (segment.skip, segment.tail))  # tokens not attended weigh nothing
     chunks = _chunks(segment.tensor)
     weights = probs.split([chunk.num_tokens for chunk in chunks], dim=-1)
     return reduce(operator.add, (_quantized_weighted_values(w, chunk) for w, chunk in zip(weights, chunks)))
@@ -61,17 +61,7 @@ def _chunks(tensor: QuantizedTensor) -> list[QuantizedTensor]:
     step = max(block, CHUNK_ELEMENTS // max(1, rows * heads * head_dim) // block * block)
     if step >= tokens:
         return [tensor]
-    return [_token_slice(tensor, begin, min(begin + step, tokens)) for begin in range(0, tokens, step)]
-
-
-def _token_slice(tensor: QuantizedTensor, begin: int, end: int) -> QuantizedTensor:
-    block = tensor.settings.token_block
-    return QuantizedTensor(
-        codes=tensor.codes[:, :, begin:end],
-        scale=tensor.scale[:, :, begin // block : end // block],
-        minimum=tensor.minimum[:, :, begin // block : end // block],
-        settings=tensor.settings,
-    )
+    return [tensor.token_slice(begin, min(begin + step, tokens)) for begin in range(0, tokens, step)]
 
 
 def _codes(tensor: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -44,13 +44,17 @@ class QuantizedTensor:
 
     def drop_leading(self, tokens: int) -> QuantizedTensor:
         """Without the first ``tokens`` tokens (whole groups when grouped per channel); views, no copy."""
+        return self.token_slice(tokens, self.num_tokens)
+
+    def token_slice(self, begin: int, end: int) -> QuantizedTensor:
+        """Tokens ``begin .. end - 1`` (whole groups when grouped per channel); views, no copy."""
         block = self.settings.token_block
-        if tokens % block:
-            raise ValueError(f"per_channel groups hold {block} tokens; cannot drop {tokens} tokens")
+        if begin % block or end % block:
+            raise ValueError(f"per_channel groups hold {block} tokens; cannot cut tokens {begin}..{end} from them")
         return QuantizedTensor(
-            codes=self.codes[:, :, tokens:],
-            scale=self.scale[:, :, tokens // block :],
-            minimum=self.minimum[:, :, tokens // block :],
+            codes=self.codes[:, :, begin:end],
+            scale=self.scale[:, :, begin // block : end // block],
+            minimum=self.minimum[:, :, begin // block : end // block],
             settings=self.settings,
         )
 
