@@ -12,7 +12,7 @@ saved windows of a transformers table):
   top-k next tokens at the end of shorter prompts, and the same prompts without
   their prefix (which the plugin must leave alone);
 * **throughput**: decode tokens/s, vLLM processes with the plugin on and off
-  alternated ``--rounds`` times, the median ratio reported.
+  alternated ``--rounds`` times (``--repeats`` measurements in each), the ratio of the medians reported.
 
 Runs where vLLM runs: on a CPU machine through the serving environment
 (``scripts/serving_setup.sh``, ``--serving-python``), on a GPU with vLLM in this
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--throughput-prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="plugin on / off engine pairs for throughput")
+    parser.add_argument("--repeats", type=int, default=1, help="throughput measurements inside each engine")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: keep vLLM's CUDA graphs (default eager)")
@@ -133,7 +134,7 @@ def main() -> None:
     quality, speed, load = {}, {"plugin": [], "no plugin": []}, {}
     for round_index in range(args.rounds):
         for name in ("plugin", "no plugin") if round_index % 2 == 0 else ("no plugin", "plugin"):
-            jobs = [ThroughputJob(prompts=throughput_prompts, new_tokens=args.new_tokens, repeats=1)]
+            jobs = [ThroughputJob(prompts=throughput_prompts, new_tokens=args.new_tokens, repeats=args.repeats)]
             if round_index == 0:
                 jobs = [FirstTokenJob(prompts=parity, top=max(20, args.top_k)), PromptLogprobsJob(prompts=rows), *jobs]
             answer = run_engine(python, EngineRun(plugin=name == "plugin", jobs=jobs, **engine), timeout=1800)
@@ -164,10 +165,9 @@ def main() -> None:
         },
         "throughput": {
             "prompts": len(throughput_prompts), "prompt_tokens": args.prompt_length, "new_tokens": args.new_tokens,
-            "tokens_per_s": speed,
-            "median_ratio_plugin_over_no_plugin": statistics.median(
-                on / off for on, off in zip(speed["plugin"], speed["no plugin"])
-            ),
+            "repeats": args.repeats, "tokens_per_s": speed,
+            "median_ratio_plugin_over_no_plugin": statistics.median(speed["plugin"])
+            / statistics.median(speed["no plugin"]),
         },
         "load_seconds": load,
     }
@@ -203,8 +203,9 @@ def markdown(result: dict, prompts: int, top_k: int) -> str:
             for name, p in parity.items()
         )
         + f"\nDecode throughput ({speed['prompts']} prompts of {speed['prompt_tokens']} tokens, {speed['new_tokens']} "
-        f"new tokens each; engines alternated): plugin {', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['plugin'])}"
-        f" tokens/s, no plugin {', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['no plugin'])}; median ratio "
+        f"new tokens each; engines alternated, {speed['repeats']} measurements in each): plugin "
+        f"{', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['plugin'])} tokens/s, no plugin "
+        f"{', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['no plugin'])}; median plugin / median no plugin "
         f"{speed['median_ratio_plugin_over_no_plugin']:.3f}.\n"
     )
 
