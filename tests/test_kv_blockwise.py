@@ -17,7 +17,13 @@ from test_kv_quant import SMALL, _per_element, _prompts
 from tiny_models import left_pad, load, load_tokenizer
 from tolerances import packed_attention_sums, relative_error, reordered, within
 
-from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings, TensorQuantSettings, blockwise
+from intactkv_modifier.kv_quant import (
+    KeyFavoredQuantizedCache,
+    KVQuantSettings,
+    TensorQuantSettings,
+    attention,
+    blockwise,
+)
 from intactkv_modifier.kv_quant.attention import packed_implementation
 from intactkv_modifier.kv_quant.quantizer import quantize
 from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment, dequantized, segments_between
@@ -121,6 +127,7 @@ def test_model_attending_in_blocks_of_five_columns_matches_the_reference_path(
     calls = []
     original = blockwise._fold
     monkeypatch.setattr(blockwise, "_fold", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(attention, "cpu_decode", lambda *a: None)  # decode steps too, where a CPU has its own path
     model = load(tiny_model_dirs[architecture])
     model.set_attn_implementation(packed_implementation(base))
     ids, mask = left_pad(_prompts(load_tokenizer(tiny_model_dirs[architecture]), (30, 39)), 0)

@@ -7,7 +7,8 @@ it returns to the attention function named by ``config._attn_implementation``.
 stored past attached (:func:`attach_packed_past`: segments, nothing dequantized),
 and :func:`packed_attention` attends prefix, quantized blocks, residual and new
 tokens: a decode step through the Triton kernel where it runs
-(:mod:`~intactkv_modifier.kv_quant.fast_decode`), anything else through the torch
+(:mod:`~intactkv_modifier.kv_quant.fast_decode`) or in a few large operations on a CPU
+(:mod:`~intactkv_modifier.kv_quant.cpu_decode`), anything else through the torch
 ops of :mod:`~intactkv_modifier.kv_quant.packed_ops`, a block of columns at a time
 (:mod:`~intactkv_modifier.kv_quant.blockwise`: a chunk of queries over a long past
 never holds all its scores). Any other call
@@ -32,6 +33,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from intactkv_modifier.kv_quant.blockwise import attend_segments
+from intactkv_modifier.kv_quant.cpu_decode import cpu_decode
 from intactkv_modifier.kv_quant.fast_decode import kernel_decode
 from intactkv_modifier.kv_quant.stream import Segment
 
@@ -141,8 +143,12 @@ def _attend_group(
     """One row group's attention output ``[b, queries, heads, head_dim]`` (a view of the result, not a copy)."""
     heads, kv_heads = query.shape[1], new_keys.shape[1]
     grouped_query = query.unflatten(1, (kv_heads, heads // kv_heads))
-    attended = kernel_decode(grouped_query, group.keys, group.values, new_keys, new_values, mask, scaling, softcap)
-    if attended is None:
+    attended = None
+    for decode_step in (kernel_decode, cpu_decode):  # each answers None where it does not apply
+        attended = decode_step(grouped_query, group.keys, group.values, new_keys, new_values, mask, scaling, softcap)
+        if attended is not None:
+            break
+    else:
         attended = attend_segments(
             grouped_query, [*group.keys, new_keys], [*group.values, new_values], mask, scaling, softcap
         )

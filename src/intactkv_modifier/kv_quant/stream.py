@@ -23,7 +23,10 @@ from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, qu
 from intactkv_modifier.kv_quant.settings import TensorQuantSettings
 from intactkv_modifier.kv_quant.storage import QuantizedStore
 
-__all__ = ["QuantizedSegment", "Segment", "TokenStream", "quantizable_tokens", "segment_tokens", "segments_between"]
+__all__ = [
+    "QuantizedSegment", "Segment", "TokenStream", "quantizable_tokens", "quantized_layout", "segment_tokens",
+    "segments_between",
+]
 
 
 def quantizable_tokens(pending: int, residual_length: int, block: int) -> int:
@@ -76,6 +79,23 @@ def segments_between(segments: Sequence[Segment], begin: int, end: int) -> list[
             parts.append(_segment_slice(segment, first, last))
         offset += tokens
     return parts
+
+
+def quantized_layout(segments: Sequence[Segment]) -> tuple[QuantizedSegment | None, int, int] | None:
+    """The one quantized segment (or ``None``), the exact tokens before it and its skip.
+
+    ``None`` for several quantized segments or one cut at its end (decode steps read whole segments).
+    """
+    quantized: QuantizedSegment | None = None
+    before = 0
+    for segment in segments:
+        if not isinstance(segment, QuantizedSegment):
+            before += 0 if quantized is not None else segment.shape[2]
+        elif quantized is not None or segment.tail:
+            return None
+        else:
+            quantized = segment
+    return (None, 0, 0) if quantized is None else (quantized, before, quantized.skip)
 
 
 def _segment_slice(segment: Segment, begin: int, end: int) -> Segment:
