@@ -32,7 +32,19 @@ that refuses the model is listed with its error. ``--profile-context N`` adds
 ``kv_cache_profile.md``: torch.profiler's top ops of batch-1 decoding at context
 ``N``, FP cache against ours K4V2 packed, which says where a shortfall comes from.
 
-    python benchmarks/kv_cache_speed.py --out benchmarks/results/cpu
+    python benchmarks/kv_cache_speed.py --compiled --out benchmarks/results/cpu
+
+The issue-23 rows on one GPU (1B shape, bf16; one call per line keeps each under ten minutes; ``--bandwidth-gbs``:
+4800 on an H200, 3350 on an H100 SXM):
+
+    ARGS="--device cuda --dtype bfloat16 --threads 16 --hidden 2048 --intermediate 8192 --layers 16 --heads 32
+          --kv-heads 8 --vocab 128256 --steps 64 --rounds 3 --budget-steps 16 --budget-rounds 3 --budget-mib 16384
+          --max-batch 128 --compiled --skip-perplexity --bandwidth-gbs 4800"
+    python benchmarks/kv_cache_speed.py $ARGS --contexts 4096 8192 --batch1-contexts 4096 --equal-batch 16 \
+        --equal-batch-contexts 8192 --budget-contexts --out benchmarks/results/gpu/speed-4k-8k
+    python benchmarks/kv_cache_speed.py $ARGS --contexts 16384 --budget-contexts --profile-context 16384 \
+        --out benchmarks/results/gpu/speed-16k
+    python benchmarks/kv_cache_speed.py $ARGS --contexts 32768 --out benchmarks/results/gpu/speed-32k
 
 Writes ``kv_cache_speed.json`` and ``kv_cache_speed.md`` into ``--out``.
 """
@@ -172,6 +184,8 @@ class Decoder:
         if self.compiled_forward is None:
             plain = speed_model(self.args, packed=False)
             mode = "reduce-overhead" if self.args.device.startswith("cuda") else None
+            # one graph per context and batch: past the default limit (8) dynamo would fall back to eager unseen
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled_forward = torch.compile(plain.forward, mode=mode, dynamic=False)
         return self.compiled_forward
 
@@ -231,12 +245,13 @@ def median_rates(
     rounds: int,
 ) -> dict[str, float]:
     """Median tokens/s of each kind at its batch, kinds interleaved within each round, after a warm-up each."""
+    firsts = {kind.name: first.expand(batches[kind.name], -1).contiguous() for kind in kinds}  # strides as argmax's
     for kind in kinds:
-        decoder.rate(kind, kv, first.expand(batches[kind.name], -1), WARM_UP_STEPS)
+        decoder.rate(kind, kv, firsts[kind.name], WARM_UP_STEPS)
     rates: dict[str, list[float]] = {kind.name: [] for kind in kinds}
     for _ in range(rounds):
         for kind in kinds:
-            rates[kind.name].append(decoder.rate(kind, kv, first.expand(batches[kind.name], -1), steps))
+            rates[kind.name].append(decoder.rate(kind, kv, firsts[kind.name], steps))
     return {name: statistics.median(values) for name, values in rates.items()}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensor_memory import PeakTensorBytes
 from test_kv_blockwise import HEAD_DIM, LAYOUTS, _past, _reference
 from test_kv_packed import SharedCodes, _chunked_logits
 from test_kv_quant import SMALL, _prompts
@@ -84,3 +85,14 @@ def test_model_decoding_through_the_cpu_step_matches_the_general_packed_path(
     codes.done()
     assert len(calls) >= ids.shape[1] - 20  # the first run's decode steps, every layer
     assert within(relative_error(*logits), bound)
+
+
+def test_a_decode_step_never_holds_the_widened_past_at_once(monkeypatch):
+    """2048 quantized tokens widened 64 at a time: the step adds its scores and one chunk, not the past's values."""
+    monkeypatch.setattr(packed_ops, "CHUNK_ELEMENTS", 2 * 2 * 64 * HEAD_DIM)
+    keys, values, generator = _past(LAYOUTS[0], 0, 1, tokens=2048)
+    query = torch.randn(2, 2, 3, 1, HEAD_DIM, generator=generator)
+    with PeakTensorBytes() as memory:
+        cpu_decode.cpu_decode(query, keys[:-1], values[:-1], keys[-1], values[-1], None, 0.25, None)
+    widened_past = 2 * keys[1].tensor.codes.shape[0] * 2 * 2048 * HEAD_DIM * 4  # keys and values, float32
+    assert memory.peak < widened_past / 4
