@@ -48,18 +48,17 @@ def cpu_decode(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor | None:
-    """Attention output for ``query`` ``[b, kv_heads, group, 1, d]`` (the same shape), or ``None`` where unsupported.
-
-    ``keys``/``values`` are one row group's stored segments in slot order, ``new_*``
-    the exact states of the current token, ``mask`` ``[b, 1, 1, columns]`` over all of them.
-    """
+    """The decode step of :func:`~intactkv_modifier.kv_quant.fast_decode.kernel_decode` (same arguments and
+    result) on a CPU; ``None`` where it does not apply."""
     if query.device.type != "cpu" or query.shape[3] != 1 or (mask is not None and mask.shape[1:3] != (1, 1)):
         return None
     key_layout, value_layout = quantized_layout(keys), quantized_layout(values)
     if key_layout is None or value_layout is None or key_layout[1] != value_layout[1]:
         return None
     (quantized_keys, before, _), quantized_values = key_layout, value_layout[0]
-    if (quantized_keys is None) != (quantized_values is None):
+    if (quantized_keys is None) != (quantized_values is None) or (
+        quantized_keys is not None and quantized_keys.num_tokens != quantized_values.num_tokens
+    ):
         return None
     folded = query[:, :, :, 0]  # [b, h, group, d]: the GQA group shares its K/V head
     exact_keys = torch.cat([*(s for s in keys if not isinstance(s, QuantizedSegment)), new_keys], dim=2)
