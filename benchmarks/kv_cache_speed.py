@@ -1,21 +1,29 @@
 """Decode speed, memory and perplexity of KV caches side by side: FP, transformers' QuantizedCache, ours.
 
-Rows: ``DynamicCache`` (FP); transformers' ``QuantizedCache`` with optimum-quanto
-int4 and int2 and with HQQ int4 (where the backend is installed and runs); ours,
-``KeyFavoredQuantizedCache`` K4V2 and K2V2, each on the packed attention path and
-on the reference path (dequantize the past, then attend).
+Rows: ``DynamicCache`` (FP); transformers' ``StaticCache`` (FP) with the forward
+under ``torch.compile`` (``--compiled``; ``mode="reduce-overhead"``, CUDA graphs, on
+a GPU, inductor's default on a CPU); transformers' ``QuantizedCache`` with
+optimum-quanto int4 and int2 and with HQQ int4 (where the backend is installed and
+runs); ours, ``KeyFavoredQuantizedCache`` K4V2 and K2V2, each on the packed
+attention path and on the reference path (dequantize the past, then attend). Ours
+has no static-shape variant yet, so no compiled row.
 
 Speed is measured on a random-weight Llama shape (``--hidden`` ...): each context
 is prefilled once with the FP cache and its K/V written into every cache (so no
 cache pays, or differs by, a prefill), then ``--steps`` greedy tokens are decoded
 through the model's forward. Caches alternate within each round and each figure
 is the median over ``--rounds``, so load from other processes hits every row
-alike. At batch 1, and at the largest batch whose cache fits ``--budget-mib``
-(bytes per row measured on the batch-1 cache at the end of decoding; at most
-``--max-batch``; rows are copies of the batch-1 prompt, which costs the same to
-decode). Memory: the bytes of every tensor storage the cache keeps alive (found
-by walking it, so quanto and HQQ tensors count too); on CUDA also the peak memory
-allocated while decoding at batch 1.
+alike; positions are passed as ``generate`` passes them. At batch 1
+(``--batch1-contexts``), at one batch for every cache (``--equal-batch`` at
+``--equal-batch-contexts``) and at the largest batch whose cache fits
+``--budget-mib`` (``--budget-contexts``; bytes per row measured on the batch-1
+cache at the end of decoding; at most ``--max-batch``); rows are copies of the
+batch-1 prompt, which costs the same to decode, and each context option defaults
+to every context. ``--bandwidth-gbs`` (the device's memory bandwidth) adds every
+figure as a share of the physical limit: a step reads at least the weights (all
+but the input embeddings) and every row's cache once. Memory: the bytes of every
+tensor storage the cache keeps alive (found by walking it, so quanto and HQQ
+tensors count too); on CUDA also the peak memory allocated while decoding at batch 1.
 
 Perplexity is the real model's (``--model``, IntactKV prefix = its own [BOS] KV)
 read through each cache in chunks, as ``benchmarks/kv_cache.py`` does (``--windows-file``:
@@ -24,7 +32,19 @@ that refuses the model is listed with its error. ``--profile-context N`` adds
 ``kv_cache_profile.md``: torch.profiler's top ops of batch-1 decoding at context
 ``N``, FP cache against ours K4V2 packed, which says where a shortfall comes from.
 
-    python benchmarks/kv_cache_speed.py --out benchmarks/results/cpu
+    python benchmarks/kv_cache_speed.py --compiled --out benchmarks/results/cpu
+
+The issue-23 rows on one GPU (1B shape, bf16; one call per line keeps each under ten minutes; ``--bandwidth-gbs``:
+4800 on an H200, 3350 on an H100 SXM):
+
+    ARGS="--device cuda --dtype bfloat16 --threads 16 --hidden 2048 --intermediate 8192 --layers 16 --heads 32
+          --kv-heads 8 --vocab 128256 --steps 64 --rounds 3 --budget-steps 16 --budget-rounds 3 --budget-mib 16384
+          --max-batch 128 --compiled --skip-perplexity --bandwidth-gbs 4800"
+    python benchmarks/kv_cache_speed.py $ARGS --contexts 4096 8192 --batch1-contexts 4096 --equal-batch 16 \
+        --equal-batch-contexts 8192 --budget-contexts --out benchmarks/results/gpu/speed-4k-8k
+    python benchmarks/kv_cache_speed.py $ARGS --contexts 16384 --budget-contexts --profile-context 16384 \
+        --out benchmarks/results/gpu/speed-16k
+    python benchmarks/kv_cache_speed.py $ARGS --contexts 32768 --out benchmarks/results/gpu/speed-32k
 
 Writes ``kv_cache_speed.json`` and ``kv_cache_speed.md`` into ``--out``.
 """
@@ -39,7 +59,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +67,7 @@ import torch
 from kv_cache import cached_perplexity, limit_bytes_per_token, load_fp, split_windows
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedModel
-from transformers.cache_utils import Cache, QuantizedCache
+from transformers.cache_utils import Cache, QuantizedCache, StaticCache
 
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings
 from intactkv_modifier.kv_quant.attention import packed_implementation
@@ -62,14 +82,22 @@ class CacheKind:
     build: Callable[[PreTrainedModel], Cache]
     #: ours: the settings, whose packed size per token the held bytes are compared with
     settings: KVQuantSettings | None = None
+    #: static shapes: the forward runs compiled, over one cache object per batch refilled every round
+    compiled: bool = False
 
 
 def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
-    kinds = [CacheKind("FP (DynamicCache)", lambda model: DynamicCache(config=model.config))]
+    kinds = [CacheKind("FP (DynamicCache)", lambda model, length: DynamicCache(config=model.config))]
+    if args.compiled:
+        kinds.append(CacheKind(
+            "FP (StaticCache) compiled",
+            lambda model, length: StaticCache(config=model.config, max_cache_len=length),
+            compiled=True,
+        ))
     for backend, bits in (("quanto", 4), ("quanto", 2), ("hqq", 4)):
         kinds.append(CacheKind(
             f"QuantizedCache {backend} int{bits}",
-            lambda model, backend=backend, bits=bits: QuantizedCache(
+            lambda model, length, backend=backend, bits=bits: QuantizedCache(
                 backend, model.config, nbits=bits, q_group_size=args.group_size, residual_length=args.residual_length
             ),
         ))
@@ -80,7 +108,7 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
         for path, packed in (("packed", True), ("reference", False)):
             kinds.append(CacheKind(
                 f"ours {settings.label()} {path}",
-                lambda model, settings=settings, packed=packed: KeyFavoredQuantizedCache(
+                lambda model, length, settings=settings, packed=packed: KeyFavoredQuantizedCache(
                     model.config, settings, full_precision_prefix=args.prefix_length, packed_attention=packed
                 ),
                 settings,
@@ -120,18 +148,81 @@ def held_bytes(root: object) -> int:
 # decode speed ---------------------------------------------------------------------------
 
 
-def speed_model(args: argparse.Namespace) -> PreTrainedModel:
+def speed_model(args: argparse.Namespace, packed: bool = True) -> PreTrainedModel:
+    """The random-weight model (``seed``: the same weights on every call); ``packed``: our attention registered."""
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or args.hidden * 2,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads, max_position_embeddings=max(args.contexts) + args.steps + 1,
+        head_dim=args.hidden // args.heads, max_position_embeddings=max(args.contexts) + args.steps + 8,
     )
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # initialised where it runs: a 1B model's random init on the CPU takes minutes
         model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention, dtype=args.dtype)
     model = model.eval()
-    model.set_attn_implementation(packed_implementation(args.attention))  # unpacked caches fall back to it
+    if packed:
+        model.set_attn_implementation(packed_implementation(args.attention))  # unpacked caches fall back to it
     return model
+
+
+@dataclass
+class Decoder:
+    """Decodes through the model eager, or (compiled kinds) through a compiled forward of a copy of it.
+
+    The compiled copy has plain ``--attention`` (no packed attention function for the compiler to trace), the
+    same weights (same seed), and keeps one static cache per batch and length, refilled every round: a new
+    cache object would make the compiled graph and its CUDA graphs be built again inside the timing.
+    """
+
+    args: argparse.Namespace
+    model: PreTrainedModel
+    compiled_forward: Callable[..., Any] | None = None
+    static_caches: dict[tuple[int, int], Cache] = field(default_factory=dict)
+
+    def forward(self, kind: CacheKind) -> Callable[..., Any]:
+        if not kind.compiled:
+            return self.model
+        if self.compiled_forward is None:
+            plain = speed_model(self.args, packed=False)
+            mode = "reduce-overhead" if self.args.device.startswith("cuda") else None
+            # one graph per context and batch: past the default limit (8) dynamo would fall back to eager unseen
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled_forward = torch.compile(plain.forward, mode=mode, dynamic=False)
+        return self.compiled_forward
+
+    def filled(self, kind: CacheKind, kv: list, batch: int) -> Cache:
+        """A cache of ``kind`` holding the prefilled K/V, copied to ``batch`` rows (room for the decoded tokens)."""
+        length = kv[0][0].shape[2] + max(self.args.steps, self.args.budget_steps, WARM_UP_STEPS) + 1
+        if kind.compiled and (batch, length) in self.static_caches:
+            cache = self.static_caches[batch, length]
+            cache.reset()
+        else:
+            cache = kind.build(self.model, length)
+            if kind.compiled:
+                self.static_caches = {(batch, length): cache}  # one at a time: a budget batch's is large
+        for layer_idx, (keys, values) in enumerate(kv):
+            cache.update(keys.expand(batch, -1, -1, -1).clone(), values.expand(batch, -1, -1, -1).clone(), layer_idx)
+        return cache
+
+    def rate(self, kind: CacheKind, kv: list, first: torch.Tensor, steps: int) -> float:
+        """Tokens per second (all rows of ``first``) over ``steps`` greedy steps from a freshly filled cache."""
+        return self.decode(kind, self.filled(kind, kv, first.shape[0]), first, kv[0][0].shape[2], steps)
+
+    @torch.no_grad()
+    def decode(self, kind: CacheKind, cache: Cache, first: torch.Tensor, start: int, steps: int) -> float:
+        """Tokens per second over ``steps`` greedy steps after the ``start`` tokens ``cache`` holds."""
+        forward, token = self.forward(kind), first
+        synchronize(self.args.device)
+        started = time.perf_counter()
+        for step in range(steps):
+            positions = torch.full_like(token, start + step)
+            token = forward(input_ids=token, position_ids=positions, past_key_values=cache, use_cache=True)
+            token = token.logits[:, -1:].argmax(-1)
+        synchronize(self.args.device)
+        return first.shape[0] * steps / (time.perf_counter() - started)
+
+
+#: Steps run before timing each cache at each batch (a compiled forward is compiled, then its CUDA graph recorded)
+WARM_UP_STEPS = 3
 
 
 @torch.no_grad()
@@ -144,105 +235,119 @@ def prefilled_kv(model: PreTrainedModel, context: int, args: argparse.Namespace)
     return [(layer.keys, layer.values) for layer in cache.layers], logits[:, -1:].argmax(-1)
 
 
-def filled(kind: CacheKind, model: PreTrainedModel, kv: list, batch: int) -> Cache:
-    """A fresh cache of ``kind`` holding the prefilled K/V, copied to ``batch`` rows."""
-    cache = kind.build(model)
-    for layer_idx, (keys, values) in enumerate(kv):
-        cache.update(keys.expand(batch, -1, -1, -1).clone(), values.expand(batch, -1, -1, -1).clone(), layer_idx)
-    return cache
-
-
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def decode(model: PreTrainedModel, cache: Cache, first: torch.Tensor, steps: int, device: str) -> float:
-    """Tokens per second (all rows) over ``steps`` greedy steps."""
-    token = first
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    synchronize(device)
-    return first.shape[0] * steps / (time.perf_counter() - started)
+def median_rates(
+    decoder: Decoder, kinds: list[CacheKind], kv: list, first: torch.Tensor, batches: dict[str, int], steps: int,
+    rounds: int,
+) -> dict[str, float]:
+    """Median tokens/s of each kind at its batch, kinds interleaved within each round, after a warm-up each."""
+    firsts = {kind.name: first.expand(batches[kind.name], -1).contiguous() for kind in kinds}  # strides as argmax's
+    for kind in kinds:
+        decoder.rate(kind, kv, firsts[kind.name], WARM_UP_STEPS)
+    rates: dict[str, list[float]] = {kind.name: [] for kind in kinds}
+    for _ in range(rounds):
+        for kind in kinds:
+            rates[kind.name].append(decoder.rate(kind, kv, firsts[kind.name], steps))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the weights a decode step reads: all but the input embeddings (one row of those per token)."""
+    embeddings = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embeddings)
+
+
+def bandwidth_share(rate: float | None, batch: int, bytes_per_row: int, weights: int, args: argparse.Namespace):
+    """The measured rate over the rate at which reading the weights and every row's cache once takes all the time."""
+    if rate is None or not args.bandwidth_gbs:
+        return None
+    limit = batch / ((weights + batch * bytes_per_row) / (args.bandwidth_gbs * 1e9))
+    return rate / limit
 
 
 def speed_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> Iterator[list[dict[str, Any]]]:
     """The rows of each context in turn (so that a run cut short still leaves the contexts it finished)."""
-    model = speed_model(args)
+    decoder = Decoder(args, speed_model(args))
+    weights = weight_bytes(decoder.model)
     for context in args.contexts:
-        rows = []
-        kv, first = prefilled_kv(model, context, args)
-        runnable, batch1, bytes_per_row, peaks = [], {}, {}, {}
+        kv, first = prefilled_kv(decoder.model, context, args)
+        runnable, bytes_per_row, peaks = [], {}, {}
         for kind in kinds:
             try:
-                cache = filled(kind, model, kv, 1)
-                decode(model, cache, first, 2, args.device)  # warm-up; also checks that the backend runs
-                runnable.append(kind)
-                batch1[kind.name] = []
-            except Exception as error:  # noqa: BLE001 (a backend that does not run here is a result, not a crash)
-                logger.warning(f"{kind.name} does not run here: {error!r:.200}")
-        for _ in range(args.rounds):
-            for kind in runnable:
-                cache = filled(kind, model, kv, 1)
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                batch1[kind.name].append(decode(model, cache, first, args.steps, args.device))
+                cache = decoder.filled(kind, kv, 1)
+                decoder.decode(kind, cache, first, context, WARM_UP_STEPS)  # also checks that the backend runs
                 bytes_per_row[kind.name] = held_bytes(cache)
+                del cache
                 if args.device.startswith("cuda"):
                     peaks[kind.name] = torch.cuda.max_memory_allocated()
-                del cache
-        batches = {
-            kind.name: max(1, min(args.max_batch, args.budget_mib * 2**20 // bytes_per_row[kind.name]))
-            for kind in runnable
-        }
-        budget: dict[str, list[float]] = {kind.name: [] for kind in runnable}
-        for _ in range(args.budget_rounds):
-            for kind in runnable:
-                cache = filled(kind, model, kv, batches[kind.name])
-                budget[kind.name].append(
-                    decode(model, cache, first.expand(batches[kind.name], -1), args.budget_steps, args.device)
-                )
-                del cache
-        fp = statistics.median(batch1[kinds[0].name])
-        fp_budget = statistics.median(budget[kinds[0].name])
-        for kind in runnable:
-            rate, budget_rate = statistics.median(batch1[kind.name]), statistics.median(budget[kind.name])
-            packed = None if kind.settings is None else limit_bytes_per_token(model, kind.settings)
-            rows.append({
-                "context": context, "kv_cache": kind.name,
-                "tokens_per_s_batch1": rate, "ratio_to_fp_batch1": rate / fp,
-                "bytes_per_row": bytes_per_row[kind.name],
-                "bytes_per_token": bytes_per_row[kind.name] / (context + args.steps),
-                "packed_bytes_per_token": packed,
-                "held_over_packed": None if packed is None else bytes_per_row[kind.name] / (context + args.steps)
-                / packed,
-                "peak_bytes_batch1": peaks.get(kind.name),
-                "budget_batch": batches[kind.name], "tokens_per_s_budget": budget_rate,
-                "ratio_to_fp_budget": budget_rate / fp_budget,
-            })
-            logger.info(f"context {context} | {kind.name}: {rate:.1f} tok/s ({rate / fp:.2f}x FP), "
-                        f"batch {batches[kind.name]}: {budget_rate:.1f} tok/s ({budget_rate / fp_budget:.2f}x)")
+                runnable.append(kind)
+            except Exception as error:  # noqa: BLE001 (a backend that does not run here is a result, not a crash)
+                logger.warning(f"{kind.name} does not run here: {error!r:.200}")
+        measured: dict[str, tuple[dict[str, int], dict[str, float]]] = {}
+        plans = (("batch1", args.batch1_contexts, lambda kind: 1, args.steps, args.rounds),
+                 ("equal_batch", args.equal_batch_contexts if args.equal_batch else [], lambda kind: args.equal_batch,
+                  args.budget_steps, args.budget_rounds),
+                 ("budget", args.budget_contexts, lambda kind: max(1, min(
+                     args.max_batch, args.budget_mib * 2**20 // bytes_per_row[kind.name])),
+                  args.budget_steps, args.budget_rounds))
+        for label, contexts, batch_of, steps, rounds in plans:
+            if contexts is None or context in contexts:
+                batches = {kind.name: batch_of(kind) for kind in runnable}
+                measured[label] = batches, median_rates(decoder, runnable, kv, first, batches, steps, rounds)
+        rows = [speed_row(args, decoder.model, kind, context, bytes_per_row[kind.name], peaks.get(kind.name),
+                          measured, weights) for kind in runnable]
+        for row in rows:
+            logger.info(" | ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                                   for key, value in row.items() if value is not None))
         del kv
         yield rows
 
 
+def speed_row(
+    args: argparse.Namespace, model: PreTrainedModel, kind: CacheKind, context: int, bytes_per_row: int,
+    peak: int | None, measured: dict[str, tuple[dict[str, int], dict[str, float]]], weights: int,
+) -> dict[str, Any]:
+    """One cache's figures at one context: per measurement its batch, tokens/s, ratio to FP and bandwidth share."""
+    packed = None if kind.settings is None else limit_bytes_per_token(model, kind.settings)
+    row: dict[str, Any] = {
+        "context": context, "kv_cache": kind.name, "bytes_per_row": bytes_per_row,
+        "bytes_per_token": bytes_per_row / (context + args.steps), "packed_bytes_per_token": packed,
+        "held_over_packed": None if packed is None else bytes_per_row / (context + args.steps) / packed,
+        "peak_bytes_batch1": peak,
+    }
+    fp = "FP (DynamicCache)"
+    for label in ("batch1", "equal_batch", "budget"):
+        batches, rates = measured.get(label, ({}, {}))
+        rate, batch = rates.get(kind.name), batches.get(kind.name)
+        row[f"{label}_batch"] = batch
+        row[f"tokens_per_s_{label}"] = rate
+        row[f"ratio_to_fp_{label}"] = None if rate is None or fp not in rates else rate / rates[fp]
+        row[f"bandwidth_share_{label}"] = None if batch is None else bandwidth_share(
+            rate, batch, bytes_per_row, weights, args
+        )
+    return row
+
+
 def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
     """Where a batch-1 decode step spends its time, FP cache against ours K4V2 packed (torch.profiler, top ops)."""
-    model = speed_model(args)
+    decoder = Decoder(args, speed_model(args))
     context = args.profile_context
-    kv, first = prefilled_kv(model, context, args)
+    kv, first = prefilled_kv(decoder.model, context, args)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     sections = []
     for kind in (kinds[0], next(kind for kind in kinds if kind.name.endswith("packed"))):
-        cache = filled(kind, model, kv, 1)
-        decode(model, cache, first, 4, args.device)
+        decoder.rate(kind, kv, first, WARM_UP_STEPS)
+        cache = decoder.filled(kind, kv, 1)
         with torch.profiler.profile(activities=activities) as profiler:
-            rate = decode(model, cache, first, args.steps, args.device)
+            rate = decoder.decode(kind, cache, first, context, args.steps)
         table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
         sections += [f"### {kind.name}, context {context}: {rate:.1f} tok/s under the profiler, {args.steps} steps",
                      "", "```", table, "```", ""]
@@ -259,9 +364,9 @@ def perplexity_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[di
     model = load_fp(args)
     model.set_attn_implementation(packed_implementation(model.config._attn_implementation))
     rows = []
-    for kind in kinds:
+    for kind in (kind for kind in kinds if not kind.compiled):  # a static cache reads as the dynamic one
         try:
-            ppl, measured = cached_perplexity(model, windows, lambda kind=kind: kind.build(model), args)
+            ppl, measured = cached_perplexity(model, windows, lambda kind=kind: kind.build(model, args.length), args)
         except Exception as error:  # noqa: BLE001
             logger.warning(f"perplexity with {kind.name} failed: {error!r:.200}")
             rows.append({"kv_cache": kind.name, "perplexity": None, "error": f"{error}"[:300]})
@@ -284,27 +389,26 @@ def markdown(result: dict[str, Any]) -> str:
         f"heads (head_dim {shape['hidden'] // shape['heads']}), {result['dtype']}, {result['attention']} attention "
         f"under the packed path's fallback; seed {result['seed']}; {result['steps']} decoded tokens after each "
         f"context (budget batch: "
-        f"{result['budget_steps']} tokens, {result['budget_rounds']} round(s)); Triton decode kernel "
+        f"{result['budget_steps']} tokens, {result['budget_rounds']} round(s)); bandwidth limit: "
+        f"{_optional(result['bandwidth_gbs'] or None, '.0f')} GB/s; Triton decode kernel "
         f"{'on' if result['decode_kernel'] else 'off (torch ops)'} for ours packed; groups of {result['group_size']}, "
         f"residual {result['residual_length']} tokens for every quantized cache (transformers' quantizes keys and "
         f"values per channel groups along head_dim, axis 0).",
     ]
-    if result["speed"]:
-        lines += [
-            "",
-            f"## Decode tokens/s, batch 1 and the largest batch whose cache fits {result['budget_mib']} MiB",
-            "",
-            "| context | KV cache | tok/s, batch 1 | × FP | bytes/token held | × packed size | peak MiB, batch 1 "
-            "| batch in budget | tok/s in budget | × FP |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-    lines += [
-        f"| {r['context']} | {r['kv_cache']} | {r['tokens_per_s_batch1']:.1f} | {r['ratio_to_fp_batch1']:.2f} | "
-        f"{r['bytes_per_token']:.0f} | {_optional(r['held_over_packed'], '.3f')} | "
-        f"{_optional(r['peak_bytes_batch1'] and r['peak_bytes_batch1'] / 2**20, '.0f')} | {r['budget_batch']} | "
-        f"{r['tokens_per_s_budget']:.1f} | {r['ratio_to_fp_budget']:.2f} |"
-        for r in result["speed"]
-    ]
+    for label, title in (("batch1", "batch 1"), ("equal_batch", "one batch for every cache"),
+                         ("budget", f"the largest batch whose cache fits {result['budget_mib']} MiB")):
+        rows = [r for r in result["speed"] if r[f"tokens_per_s_{label}"] is not None]
+        if rows:
+            lines += ["", f"## Decode tokens/s, {title}", "",
+                      "| context | KV cache | batch | tok/s | × FP | share of the bandwidth limit | bytes/token held "
+                      "| × packed size | peak MiB, batch 1 |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"| {r['context']} | {r['kv_cache']} | {r[f'{label}_batch']} | {r[f'tokens_per_s_{label}']:.1f} | "
+                f"{_optional(r[f'ratio_to_fp_{label}'], '.2f')} | {_optional(r[f'bandwidth_share_{label}'], '.1%')} | "
+                f"{r['bytes_per_token']:.0f} | {_optional(r['held_over_packed'], '.3f')} | "
+                f"{_optional(r['peak_bytes_batch1'] and r['peak_bytes_batch1'] / 2**20, '.0f')} |"
+                for r in rows
+            ]
     if result["perplexity"]:
         lines += [
             "",
@@ -353,7 +457,14 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--budget-steps", type=int, default=4)
-    parser.add_argument("--budget-rounds", type=int, default=1)
+    parser.add_argument("--budget-rounds", type=int, default=1, help="rounds of the budget and equal-batch runs")
+    parser.add_argument("--batch1-contexts", type=int, nargs="*", help="contexts measured at batch 1 (default: all)")
+    parser.add_argument("--budget-contexts", type=int, nargs="*", help="contexts measured in the budget (default: all)")
+    parser.add_argument("--equal-batch", type=int, default=0, help="one batch for every cache (0: none)")
+    parser.add_argument("--equal-batch-contexts", type=int, nargs="*", help="contexts of --equal-batch (default: all)")
+    parser.add_argument("--compiled", action="store_true", help="add FP StaticCache with the forward compiled")
+    parser.add_argument("--bandwidth-gbs", type=float, default=0.0,
+                        help="memory bandwidth (GB/s): every figure also as a share of the physical limit")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=0, help="MLP width (0: twice --hidden)")
     parser.add_argument("--layers", type=int, default=4)
@@ -393,6 +504,7 @@ def main() -> None:
         "load_average_start": os.getloadavg()[0], "dtype": str(args.dtype).removeprefix("torch."),
         "attention": args.attention, "seed": args.seed, "steps": args.steps, "rounds": args.rounds,
         "budget_mib": args.budget_mib, "budget_steps": args.budget_steps, "budget_rounds": args.budget_rounds,
+        "equal_batch": args.equal_batch, "bandwidth_gbs": args.bandwidth_gbs,
         "group_size": args.group_size, "residual_length": args.residual_length,
         "speed_model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.kv_heads,
                         "intermediate": args.intermediate or 2 * args.hidden, "vocab": args.vocab},

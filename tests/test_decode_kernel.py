@@ -19,7 +19,8 @@ from tiny_models import left_pad, load, load_tokenizer
 from tolerances import packed_attention_sums, relative_error, reordered, within
 
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings, TensorQuantSettings, quantize
-from intactkv_modifier.kv_quant.attention import _attend, packed_implementation
+from intactkv_modifier.kv_quant.attention import packed_implementation
+from intactkv_modifier.kv_quant.blockwise import attend_segments
 from intactkv_modifier.kv_quant.fast_decode import kernel_available
 from intactkv_modifier.kv_quant.stream import QuantizedSegment
 
@@ -65,7 +66,7 @@ def test_kernel_equals_the_torch_packed_path(key_bits, value_bits, skip, mask_ki
     mask = {"none": None, "boolean": keep,
             "additive": torch.zeros(2, columns, device=DEVICE).masked_fill(~keep, torch.finfo(torch.float32).min)}
     expected_mask = None if mask_kind == "none" else keep[:, None, None, :]
-    expected = _attend(query.unsqueeze(3), keys, values, expected_mask, 0.125, None)[:, :, :, 0]
+    expected = attend_segments(query.unsqueeze(3), keys, values, expected_mask, 0.125, None)[:, :, :, 0]
 
     exact_keys = torch.cat([keys[0], *keys[2:]], dim=2)
     exact_values = torch.cat([values[0], *values[2:]], dim=2)
@@ -123,9 +124,9 @@ def test_kernel_in_bfloat16_on_the_gpu_is_as_close_to_float32_as_the_torch_path(
                                                  tensor.settings), segment.skip)
         return segment.float()
 
-    exact = _attend(query.float().unsqueeze(3), [widened(s) for s in keys], [widened(s) for s in values], None,
-                    128**-0.5, None)[:, :, :, 0]
-    torch_path = _attend(query.unsqueeze(3), keys, values, None, 128**-0.5, None)[:, :, :, 0].float()
+    exact = attend_segments(query.float().unsqueeze(3), [widened(s) for s in keys], [widened(s) for s in values],
+                            None, 128**-0.5, None)[:, :, :, 0]
+    torch_path = attend_segments(query.unsqueeze(3), keys, values, None, 128**-0.5, None)[:, :, :, 0].float()
     kernel = decode_kernel.decode_attention(
         query, keys[1].tensor, values[1].tensor, 5, torch.cat([keys[0], *keys[2:]], dim=2),
         torch.cat([values[0], *values[2:]], dim=2), 1, None, 128**-0.5,

@@ -156,7 +156,9 @@ def test_every_attention_layer_reads_the_packed_cache_like_the_reference(tiny_mo
         assert within(relative_error(*outputs), reordered(packed_attention_sums(model.config, 39, layers=1)))
 
 
-def test_packed_decoding_never_dequantizes_and_generates_like_the_reference(tiny_model_dirs, monkeypatch):
+def test_packed_decoding_never_dequantizes_all_the_past_and_generates_like_the_reference(tiny_model_dirs, monkeypatch):
+    """The stored past is never dequantized as a whole (a CPU decode step widens it a bounded chunk at a time:
+    ``test_kv_cpu_decode``)."""
     model = load(tiny_model_dirs["llama"])
     tokenizer = load_tokenizer(tiny_model_dirs["llama"])
     ids, mask = left_pad(_prompts(tokenizer, (6, 21)), tokenizer.pad_token_id)

@@ -7,8 +7,11 @@ it returns to the attention function named by ``config._attn_implementation``.
 stored past attached (:func:`attach_packed_past`: segments, nothing dequantized),
 and :func:`packed_attention` attends prefix, quantized blocks, residual and new
 tokens: a decode step through the Triton kernel where it runs
-(:mod:`~intactkv_modifier.kv_quant.fast_decode`), anything else through the torch
-ops of :mod:`~intactkv_modifier.kv_quant.packed_ops`. Any other call
+(:mod:`~intactkv_modifier.kv_quant.fast_decode`) or in a few large operations on a CPU
+(:mod:`~intactkv_modifier.kv_quant.cpu_decode`), anything else through the torch
+ops of :mod:`~intactkv_modifier.kv_quant.packed_ops`, a block of columns at a time
+(:mod:`~intactkv_modifier.kv_quant.blockwise`: a chunk of queries over a long past
+never holds all its scores). Any other call
 (no cache, a ``DynamicCache``, the first forward of an empty cache, training)
 carries no packed past and goes to ``<base>`` unchanged, so a single forward,
 prefix capture and calibration are bit-for-bit what they were.
@@ -19,11 +22,9 @@ other attention implementation and as what this one is tested against.
 
 from __future__ import annotations
 
-import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import reduce
 from typing import Any
 
 import torch
@@ -31,9 +32,10 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from intactkv_modifier.kv_quant.blockwise import attend_segments
+from intactkv_modifier.kv_quant.cpu_decode import cpu_decode
 from intactkv_modifier.kv_quant.fast_decode import kernel_decode
-from intactkv_modifier.kv_quant.packed_ops import key_scores, weighted_values
-from intactkv_modifier.kv_quant.stream import Segment, segment_tokens
+from intactkv_modifier.kv_quant.stream import Segment
 
 __all__ = [
     "PackedPast",
@@ -141,48 +143,20 @@ def _attend_group(
     """One row group's attention output ``[b, queries, heads, head_dim]`` (a view of the result, not a copy)."""
     heads, kv_heads = query.shape[1], new_keys.shape[1]
     grouped_query = query.unflatten(1, (kv_heads, heads // kv_heads))
-    attended = kernel_decode(grouped_query, group.keys, group.values, new_keys, new_values, mask, scaling, softcap)
-    if attended is None:
-        attended = _attend(
+    attended = None
+    for decode_step in (kernel_decode, cpu_decode):  # each answers None where it does not apply
+        attended = decode_step(grouped_query, group.keys, group.values, new_keys, new_values, mask, scaling, softcap)
+        if attended is not None:
+            break
+    else:
+        attended = attend_segments(
             grouped_query, [*group.keys, new_keys], [*group.values, new_values], mask, scaling, softcap
         )
     return attended.flatten(1, 2).transpose(1, 2)
 
 
-def _attend(
-    query: torch.Tensor,
-    keys: list[Segment],
-    values: list[Segment],
-    mask: torch.Tensor | None,
-    scaling: float,
-    softcap: float | None,
-) -> torch.Tensor:
-    """``query`` ``[b, kv_heads, group, q, d]`` over the segments -> ``[b, kv_heads, group, q, d]``."""
-    batch, kv_heads, group, queries, head_dim = query.shape
-    folded = query.flatten(2, 3)  # the GQA group shares its K/V head: fold it into the query axis
-    scores = torch.cat([key_scores(folded, segment) for segment in keys], dim=-1) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.unflatten(2, (group, queries))
-    mask = _causal_mask(queries, scores.shape[-1], scores) if mask is None else mask.unsqueeze(2)
-    boolean = mask.dtype == torch.bool  # sdpa's masks say where to attend, eager's what to add
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if boolean else scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).flatten(2, 3)
-    weights = probs.split([segment_tokens(segment) for segment in values], dim=-1)
-    output = reduce(operator.add, (weighted_values(w, segment) for w, segment in zip(weights, values)))
-    return output.unflatten(2, (group, queries))
-
-
 def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return tensor if rows is None else tensor.index_select(0, rows)
-
-
-def _causal_mask(queries: int, keys: int, like: torch.Tensor) -> torch.Tensor:
-    """What a missing mask means: every stored token visible, the new ones causally."""
-    allowed = torch.ones(queries, keys, dtype=torch.bool, device=like.device).tril(keys - queries)
-    return torch.zeros(queries, keys, dtype=like.dtype, device=like.device).masked_fill_(
-        ~allowed, torch.finfo(like.dtype).min
-    )
 
 
 def _base_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment
+from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment, quantized_layout
 
 __all__ = ["kernel_decode", "kernel_available"]
 
@@ -59,7 +59,7 @@ def kernel_decode(
         or not 16 <= head_dim <= 256
     ):
         return None
-    key_layout, value_layout = _layout(keys), _layout(values)
+    key_layout, value_layout = quantized_layout(keys), quantized_layout(values)
     if key_layout is None or value_layout is None or key_layout[1:] != value_layout[1:]:
         return None
     quantized_keys, exact_before, skip = key_layout
@@ -87,17 +87,3 @@ def kernel_decode(
         None if mask is None else mask[:, 0, 0],
         scaling,
     ).unsqueeze(3)
-
-
-def _layout(segments: Sequence[Segment]) -> tuple[QuantizedSegment | None, int, int] | None:
-    """The quantized segment, the exact tokens before it and its skip; ``None`` for more than one quantized part."""
-    quantized: QuantizedSegment | None = None
-    before = 0
-    for segment in segments:
-        if not isinstance(segment, QuantizedSegment):
-            before += 0 if quantized is not None else segment.shape[2]
-        elif quantized is not None:
-            return None
-        else:
-            quantized = segment
-    return (None, 0, 0) if quantized is None else (quantized, before, quantized.skip)

@@ -28,7 +28,7 @@ from intactkv_modifier.kv_quant.packing import unpack
 from intactkv_modifier.kv_quant.quantizer import QuantizedTensor
 from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment
 
-__all__ = ["CHUNK_ELEMENTS", "key_scores", "weighted_values"]
+__all__ = ["CHUNK_ELEMENTS", "key_scores", "token_chunks", "weighted_values"]
 
 #: Widened codes processed at once (16 MiB in float32): bounds the transient memory of a step
 CHUNK_ELEMENTS = 1 << 22
@@ -38,21 +38,21 @@ def key_scores(query: torch.Tensor, segment: Segment) -> torch.Tensor:
     """``query @ keys^T`` for the segment's tokens: ``[b, h, m, d]`` x segment -> ``[b, h, m, tokens]``."""
     if not isinstance(segment, QuantizedSegment):
         return query @ segment.transpose(-1, -2)
-    scores = torch.cat([_quantized_key_scores(query, chunk) for chunk in _chunks(segment.tensor)], dim=-1)
-    return scores[..., segment.skip :]
+    scores = torch.cat([_quantized_key_scores(query, chunk) for chunk in token_chunks(segment.tensor)], dim=-1)
+    return scores[..., segment.skip : segment.skip + segment.num_tokens]
 
 
 def weighted_values(probs: torch.Tensor, segment: Segment) -> torch.Tensor:
     """``probs @ values`` for the segment's tokens: ``[b, h, m, tokens]`` x segment -> ``[b, h, m, d]``."""
     if not isinstance(segment, QuantizedSegment):
         return probs @ segment
-    probs = torch.nn.functional.pad(probs, (segment.skip, 0))  # tokens before the window weigh nothing
-    chunks = _chunks(segment.tensor)
+    probs = torch.nn.functional.pad(probs, (segment.skip, segment.tail))  # tokens not attended weigh nothing
+    chunks = token_chunks(segment.tensor)
     weights = probs.split([chunk.num_tokens for chunk in chunks], dim=-1)
     return reduce(operator.add, (_quantized_weighted_values(w, chunk) for w, chunk in zip(weights, chunks)))
 
 
-def _chunks(tensor: QuantizedTensor) -> list[QuantizedTensor]:
+def token_chunks(tensor: QuantizedTensor) -> list[QuantizedTensor]:
     """Whole groups of tokens, each widening to at most about :data:`CHUNK_ELEMENTS` elements."""
     block = tensor.settings.token_block
     rows, heads, tokens = tensor.codes.shape[:3]
@@ -61,17 +61,7 @@ def _chunks(tensor: QuantizedTensor) -> list[QuantizedTensor]:
     step = max(block, CHUNK_ELEMENTS // max(1, rows * heads * head_dim) // block * block)
     if step >= tokens:
         return [tensor]
-    return [_token_slice(tensor, begin, min(begin + step, tokens)) for begin in range(0, tokens, step)]
-
-
-def _token_slice(tensor: QuantizedTensor, begin: int, end: int) -> QuantizedTensor:
-    block = tensor.settings.token_block
-    return QuantizedTensor(
-        codes=tensor.codes[:, :, begin:end],
-        scale=tensor.scale[:, :, begin // block : end // block],
-        minimum=tensor.minimum[:, :, begin // block : end // block],
-        settings=tensor.settings,
-    )
+    return [tensor.token_slice(begin, min(begin + step, tokens)) for begin in range(0, tokens, step)]
 
 
 def _codes(tensor: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -44,13 +44,17 @@ class QuantizedTensor:
 
     def drop_leading(self, tokens: int) -> QuantizedTensor:
         """Without the first ``tokens`` tokens (whole groups when grouped per channel); views, no copy."""
+        return self.token_slice(tokens, self.num_tokens)
+
+    def token_slice(self, begin: int, end: int) -> QuantizedTensor:
+        """Tokens ``begin .. end - 1`` (whole groups when grouped per channel); views, no copy."""
         block = self.settings.token_block
-        if tokens % block:
-            raise ValueError(f"per_channel groups hold {block} tokens; cannot drop {tokens} tokens")
+        if begin % block or end % block:
+            raise ValueError(f"per_channel groups hold {block} tokens; cannot cut tokens {begin}..{end} from them")
         return QuantizedTensor(
-            codes=self.codes[:, :, tokens:],
-            scale=self.scale[:, :, tokens // block :],
-            minimum=self.minimum[:, :, tokens // block :],
+            codes=self.codes[:, :, begin:end],
+            scale=self.scale[:, :, begin // block : end // block],
+            minimum=self.minimum[:, :, begin // block : end // block],
             settings=self.settings,
         )
 
@@ -82,11 +86,10 @@ def quantize(states: torch.Tensor, settings: TensorQuantSettings) -> QuantizedTe
 def dequantize(quantized: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The ``[batch, heads, tokens, head_dim]`` tensor the codes stand for, in ``dtype`` (default: the scales')."""
     settings = quantized.settings
-    codes = unpack(quantized.codes, settings.bits)
-    grouped, axis = _grouped(codes, settings)
-    scale = quantized.scale.unsqueeze(axis).float()
-    minimum = quantized.minimum.unsqueeze(axis).float()
-    values = torch.addcmul(minimum, grouped.float(), scale)
+    grouped, axis = _grouped(unpack(quantized.codes, settings.bits).float(), settings)
+    # in place on the widened codes: on a CPU addcmul broadcasting along the innermost axis (per-token groups)
+    # runs about three times slower than a multiply and an add in place
+    values = grouped.mul_(quantized.scale.unsqueeze(axis)).add_(quantized.minimum.unsqueeze(axis))
     return values.flatten(axis - 1, axis).to(dtype or quantized.scale.dtype)
 
 

@@ -14,6 +14,7 @@ more than the window; :meth:`TokenStream.segments` leaves those tokens out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,10 @@ from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, qu
 from intactkv_modifier.kv_quant.settings import TensorQuantSettings
 from intactkv_modifier.kv_quant.storage import QuantizedStore
 
-__all__ = ["QuantizedSegment", "Segment", "TokenStream", "quantizable_tokens"]
+__all__ = [
+    "QuantizedSegment", "Segment", "TokenStream", "quantizable_tokens", "quantized_layout", "segment_tokens",
+    "segments_between",
+]
 
 
 def quantizable_tokens(pending: int, residual_length: int, block: int) -> int:
@@ -36,14 +40,20 @@ def quantizable_tokens(pending: int, residual_length: int, block: int) -> int:
 
 @dataclass(frozen=True)
 class QuantizedSegment:
-    """Quantized tokens to attend, except the first ``skip`` (older tokens sharing the first per-channel group)."""
+    """Quantized tokens to attend, except the first ``skip`` and the last ``tail``.
+
+    Skipped tokens are older ones sharing the first per-channel group (a sliding
+    window's start); a tail only appears when attention cuts the past into blocks
+    (:func:`segments_between`) at a column inside a group.
+    """
 
     tensor: QuantizedTensor
     skip: int
+    tail: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return self.tensor.num_tokens - self.skip
+        return self.tensor.num_tokens - self.skip - self.tail
 
 
 #: Consecutive stored tokens to attend: full precision, or quantized
@@ -54,10 +64,53 @@ def segment_tokens(segment: Segment) -> int:
     return segment.num_tokens if isinstance(segment, QuantizedSegment) else segment.shape[2]
 
 
+def segments_between(segments: Sequence[Segment], begin: int, end: int) -> list[Segment]:
+    """The attended tokens ``begin .. end - 1`` of ``segments`` (counted over all of them), as views.
+
+    A quantized segment is cut at the groups around the two ends, and the tokens
+    of those groups outside the range become its ``skip`` and ``tail``.
+    """
+    parts: list[Segment] = []
+    offset = 0
+    for segment in segments:
+        tokens = segment_tokens(segment)
+        first, last = max(begin - offset, 0), min(end - offset, tokens)
+        if first < last:
+            parts.append(_segment_slice(segment, first, last))
+        offset += tokens
+    return parts
+
+
+def quantized_layout(segments: Sequence[Segment]) -> tuple[QuantizedSegment | None, int, int] | None:
+    """The one quantized segment (or ``None``), the exact tokens before it and its skip.
+
+    ``None`` for several quantized segments or one cut at its end (decode steps read whole segments).
+    """
+    quantized: QuantizedSegment | None = None
+    before = 0
+    for segment in segments:
+        if not isinstance(segment, QuantizedSegment):
+            before += 0 if quantized is not None else segment.shape[2]
+        elif quantized is not None or segment.tail:
+            return None
+        else:
+            quantized = segment
+    return (None, 0, 0) if quantized is None else (quantized, before, quantized.skip)
+
+
+def _segment_slice(segment: Segment, begin: int, end: int) -> Segment:
+    if not isinstance(segment, QuantizedSegment):
+        return segment[:, :, begin:end]
+    block = segment.tensor.settings.token_block
+    begin, end = begin + segment.skip, end + segment.skip  # tokens of the stored tensor
+    whole_begin, whole_end = begin // block * block, -(-end // block) * block
+    return QuantizedSegment(segment.tensor.token_slice(whole_begin, whole_end), begin - whole_begin, whole_end - end)
+
+
 def dequantized(segment: Segment, dtype: torch.dtype) -> torch.Tensor:
     """A segment's tokens in full precision (the reference path: a copy of the quantized ones)."""
     if isinstance(segment, QuantizedSegment):
-        return dequantize(segment.tensor, dtype)[:, :, segment.skip :]
+        return dequantize(segment.tensor, dtype)[:, :, segment.skip : segment.skip + segment.num_tokens]
     return segment
 
 
