@@ -14,4 +14,4 @@ log=.venv/setup.log
 quietly "$log" .venv/bin/python -m pip install --upgrade pip
 # torch first and pinned, so nothing below can resolve a CUDA build
 quietly "$log" .venv/bin/python -m pip install -c constraints.txt torch
-quietly "$log" .venv/bin/python -m pip install -c constraints.txt -e ".[quantize,test,bench]"
+quietly "$log" .venv/bin/python -m pip install -c constraints.txt -e ".[quantize,test,bench,optimum,quanto,torchao]"

@@ -12,7 +12,6 @@ from transformers import DynamicCache
 
 from intactkv_modifier import PrefixKV, attach_intact_kv, capture_prefix_kv
 from intactkv_modifier.architecture import attention_modules, kv_geometry
-from intactkv_modifier.capture import model_kv_for_prefix
 from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.kv_quant import (
     KeyFavoredQuantizedCache,
@@ -29,6 +28,7 @@ from intactkv_modifier.kv_quant import (
 )
 from intactkv_modifier.kv_quant.packing import pack, unpack
 from intactkv_modifier.kv_quant.stream import quantizable_tokens
+from intactkv_modifier.kv_readout import model_kv_for_prefix
 
 pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
 

@@ -17,7 +17,7 @@ from tolerances import beyond
 import intactkv_modifier.recipes
 from intactkv_modifier import IntactKVModifier, PrefixKV, capture_prefix_kv, intact_kv_disabled, prefix_kv_of
 from intactkv_modifier.calibration import CalibrationSettings
-from intactkv_modifier.capture import model_kv_for_prefix
+from intactkv_modifier.kv_readout import model_kv_for_prefix
 
 pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
 

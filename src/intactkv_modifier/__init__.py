@@ -8,13 +8,17 @@ process where the package is installed, with or without this import (see
 ``INTACTKV_AUTOLOAD=0`` turned off the automatic one), and with or without
 llm-compressor.
 
-Without llm-compressor (the ``quantize`` extra) the modifier, capture and
-calibration are not available, only the checkpoint format, the loading hook and
-the vLLM plugin (:mod:`intactkv_modifier.serving`): vLLM pins a
-compressed-tensors release that llm-compressor does not accept, so a serving
-environment cannot hold both, and importing the plugin runs this file.
+Without llm-compressor (the ``quantize`` extra) the modifier is not available;
+the checkpoint format, the loading hook, the vLLM plugin
+(:mod:`intactkv_modifier.serving`) and IntactKV for other quantizers
+(:mod:`intactkv_modifier.integrations`: optimum, optimum-quanto, transformers'
+load-time quantizers) are. vLLM pins a compressed-tensors release that
+llm-compressor does not accept, so a serving environment cannot hold both, and
+importing the plugin runs this file: there the names below are imported on
+first use only.
 """
 
+import importlib
 import logging
 import os
 import sys
@@ -52,19 +56,19 @@ def _import_llmcompressor_quietly() -> bool:
 
 
 QUANTIZATION_AVAILABLE = _import_llmcompressor_quietly()
-"""Whether llm-compressor imports, i.e. whether the modifier, capture and calibration are available."""
+"""Whether llm-compressor imports, i.e. whether :class:`IntactKVModifier` is available."""
 
-_NEEDS_QUANTIZE_EXTRA = (
-    "IntactKVModifier",
-    "PrefixKV",
-    "attach_intact_kv",
-    "capture_prefix_kv",
-    "config_of",
-    "intact_kv_disabled",
-    "prefix_kv_of",
-)
+_NEEDS_QUANTIZE_EXTRA = ("IntactKVModifier", "capture_prefix_kv")
+#: Public names that work without llm-compressor, and the module each lives in.
+_WITHOUT_LLMCOMPRESSOR = {
+    "PrefixKV": "intactkv_modifier.prefix_kv",
+    "attach_intact_kv": "intactkv_modifier.storage",
+    "config_of": "intactkv_modifier.storage",
+    "intact_kv_disabled": "intactkv_modifier.runtime",
+    "prefix_kv_of": "intactkv_modifier.storage",
+}
 
-__all__ = ["CONFIG_KEY", "QUANTIZATION_AVAILABLE", "IntactKVConfig"]
+__all__ = ["CONFIG_KEY", "QUANTIZATION_AVAILABLE", "IntactKVConfig", *_WITHOUT_LLMCOMPRESSOR]
 
 if QUANTIZATION_AVAILABLE:
     from llmcompressor.modifiers.factory import ModifierFactory
@@ -81,10 +85,13 @@ else:
     # stdlib logging, silent unless the program configures it: this line runs in every vLLM process of a serving
     # install, where loguru's default sink would print it
     logging.getLogger(__name__).debug(
-        "llm-compressor is not installed: the checkpoint format, loading hook and vLLM plugin load, not the modifier"
+        "llm-compressor is not installed: everything but the modifier loads (checkpoint format, loading hook, vLLM "
+        "plugin, intactkv_modifier.integrations)"
     )
 
     def __getattr__(name: str) -> Any:
+        if name in _WITHOUT_LLMCOMPRESSOR:
+            return getattr(importlib.import_module(_WITHOUT_LLMCOMPRESSOR[name]), name)
         if name in _NEEDS_QUANTIZE_EXTRA:
             raise ImportError(
                 f"intactkv_modifier.{name} needs llm-compressor, which is not installed: "

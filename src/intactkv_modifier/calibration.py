@@ -16,24 +16,32 @@ a 4096-wide model in bf16: 4 MiB per output).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from compressed_tensors.offload import get_execution_device
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from intactkv_modifier.architecture import decoder_stack
-from intactkv_modifier.capture import full_precision_forward
+from intactkv_modifier.devices import execution_device
 from intactkv_modifier.prefix_kv import PrefixKV
 from intactkv_modifier.runtime import IntactKVRuntime
-from intactkv_modifier.storage import prefix_kv_of
+from intactkv_modifier.storage import attach_intact_kv, prefix_kv_of
 
-__all__ = ["CalibrationSettings", "CalibrationTargets", "calibrate_prefix_kv", "prefix_mse", "record_targets"]
+__all__ = [
+    "CalibrationSettings",
+    "CalibrationTargets",
+    "FitRecord",
+    "calibrate_prefix_kv",
+    "fit_attached_prefix",
+    "prefix_mse",
+    "record_targets",
+]
 
 
 CalibrationLoss = Literal["final_hidden", "every_layer"]
@@ -94,7 +102,12 @@ def record_targets(
     num_samples: int,
     loss: CalibrationLoss = "final_hidden",
 ) -> CalibrationTargets:
-    """Run the full-precision model on the first ``num_samples`` samples that start with the prefix."""
+    """Run the model on the first ``num_samples`` samples that start with the prefix.
+
+    The model must compute in full precision: inside llm-compressor the caller
+    wraps this in :func:`~intactkv_modifier.capture.full_precision_forward`;
+    other quantizers record before they quantize.
+    """
     prefix = torch.tensor(prefix_token_ids)
     samples: list[torch.Tensor] = []
     skipped = 0
@@ -115,7 +128,7 @@ def record_targets(
         logger.warning(f"IntactKV calibration: skipped {skipped} samples that do not start with the prefix")
 
     hidden = []
-    with full_precision_forward(model), torch.no_grad():
+    with torch.no_grad():
         for ids in tqdm(samples, desc="IntactKV: recording FP targets"):
             hidden.append(_hidden_states(model, ids.unsqueeze(0), loss)[:, 0].cpu())
     return CalibrationTargets(input_ids=samples, hidden_states=hidden, prefix_length=prefix.numel(), loss=loss)
@@ -184,6 +197,38 @@ def calibrate_prefix_kv(
     return PrefixKV(keys=[k.detach().to(dtype) for k in keys], values=[v.detach().to(dtype) for v in values])
 
 
+@dataclass(frozen=True)
+class FitRecord:
+    """What :func:`fit_attached_prefix` did: the block's ``calibration`` entry, and the fit's wall time."""
+
+    calibration: dict
+    seconds: float
+
+
+def fit_attached_prefix(
+    model: torch.nn.Module,
+    prefix_token_ids: list[int],
+    targets: CalibrationTargets,
+    settings: CalibrationSettings,
+    **attach_options: object,
+) -> FitRecord:
+    """IntactKV+Cal on a model that carries its prefix: fit, attach the fit with its record, report the MSE.
+
+    ``attach_options`` go to :func:`~intactkv_modifier.storage.attach_intact_kv` (the KV-cache settings),
+    so that re-attaching keeps what the first attach set.
+    """
+    before = prefix_mse(model, targets)
+    started = time.perf_counter()
+    calibrated = calibrate_prefix_kv(model, targets, settings)
+    seconds = time.perf_counter() - started
+    attach_intact_kv(model, prefix_token_ids, calibrated, **attach_options)
+    after = prefix_mse(model, targets)
+    logger.info(f"IntactKV calibration: MSE to the FP model {before:.6g} -> {after:.6g}")
+    record = {**settings.model_dump(), "mse_before": before, "mse_after": after}
+    attach_intact_kv(model, prefix_token_ids, calibrated, calibration=record, **attach_options)
+    return FitRecord(calibration=record, seconds=seconds)
+
+
 def _equal_length_batches(targets: CalibrationTargets, order: list[int], batch_size: int) -> list[list[int]]:
     """``order`` cut into batches of at most ``batch_size`` samples of one length, in order of first appearance."""
     open_batches: dict[int, list[int]] = {}
@@ -215,7 +260,7 @@ def _batch_loss(model: torch.nn.Module, targets: CalibrationTargets, batch: list
 def _hidden_states(model: torch.nn.Module, ids: torch.Tensor, loss: CalibrationLoss) -> torch.Tensor:
     """``[outputs, batch, tokens, hidden]``: the final hidden state, or every decoder layer's output."""
     decoder = decoder_stack(model)
-    ids = ids.to(get_execution_device(decoder))
+    ids = ids.to(execution_device(decoder))
     if loss == "final_hidden":
         return decoder(input_ids=ids, use_cache=False).last_hidden_state.unsqueeze(0)
     outputs: list[torch.Tensor] = []

@@ -1,27 +1,28 @@
-"""Computing the full-precision KV of the pivot prefix.
+"""Computing the full-precision KV of the pivot prefix inside llm-compressor.
 
 The KV must be what the deployed model's attention would read for those
 positions, so it is read from a real KV cache filled by the model's own forward
-pass (post-RoPE, after any online key/value transform), with every fake-quant
-switched off and every other modifier's hook silent, so GPTQ's Hessians and
-AWQ's activation caches never see the prefix.
+pass (post-RoPE, after any online key/value transform;
+:func:`~intactkv_modifier.kv_readout.model_kv_for_prefix`), with every
+fake-quant switched off and every other modifier's hook silent, so GPTQ's
+Hessians and AWQ's activation caches never see the prefix. Quantizers outside
+llm-compressor need none of this: :mod:`intactkv_modifier.integrations`
+captures before they run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
-from compressed_tensors.offload import get_execution_device
 from llmcompressor.modifiers.utils.hooks import HooksMixin
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from intactkv_modifier.architecture import decoder_stack
-from intactkv_modifier.kv_quant.install import kv_quantization_of
+from intactkv_modifier.kv_readout import model_kv_for_prefix
 from intactkv_modifier.prefix_kv import PrefixKV
 
-__all__ = ["capture_prefix_kv", "full_precision_forward", "mean_relative_error", "model_kv_for_prefix"]
+__all__ = ["capture_prefix_kv", "full_precision_forward"]
 
 
 @contextmanager
@@ -51,33 +52,7 @@ def full_precision_forward(model: torch.nn.Module) -> Iterator[None]:
             module.quantization_enabled = flag
 
 
-def model_kv_for_prefix(model: PreTrainedModel, prefix_token_ids: list[int]) -> PrefixKV:
-    """The KV the model computes for the prefix in its current state (quantized or not).
-
-    It reads back a ``DynamicCache`` of its own, so an installed KV-cache
-    quantization, which would swap that cache for its own, is suspended.
-    """
-    decoder = decoder_stack(model)
-    device = get_execution_device(decoder.embed_tokens if hasattr(decoder, "embed_tokens") else model)
-    input_ids = torch.tensor([prefix_token_ids], dtype=torch.long, device=device)
-    cache = DynamicCache(config=model.config)
-    kv_quantization = kv_quantization_of(model)
-    with torch.no_grad(), kv_quantization.suspended() if kv_quantization is not None else nullcontext():
-        decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    keys = [layer.keys[0].detach().clone() for layer in cache.layers]
-    values = [layer.values[0].detach().clone() for layer in cache.layers]
-    return PrefixKV(keys=keys, values=values)
-
-
 def capture_prefix_kv(model: PreTrainedModel, prefix_token_ids: list[int]) -> PrefixKV:
-    """The prefix KV of the full-precision model, whatever quantization state it is in."""
+    """The prefix KV of the full-precision model, whatever llm-compressor quantization state it is in."""
     with full_precision_forward(model):
         return model_kv_for_prefix(model, prefix_token_ids)
-
-
-def mean_relative_error(approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
-    """Mean over layers of ‖approx − exact‖ / ‖exact‖: how far a prefix KV is from the full-precision one."""
-    errors = [
-        float((a.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12)) for a, e in zip(approx, exact)
-    ]
-    return sum(errors) / len(errors)

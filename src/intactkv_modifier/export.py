@@ -20,9 +20,8 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from intactkv_modifier.capture import mean_relative_error, model_kv_for_prefix
 from intactkv_modifier.checkpoint import SIDE_FILE_PATH
-from intactkv_modifier.runtime import intact_kv_disabled
+from intactkv_modifier.kv_readout import replaced_error
 from intactkv_modifier.storage import config_of, prefix_kv_of
 
 __all__ = ["QuantizedCheckpoint", "quantize_to_checkpoint", "weight_bytes"]
@@ -82,9 +81,7 @@ def quantize_to_checkpoint(
     config = config_of(model)
     if config is None:
         raise ValueError(f"oneshot with {recipe} stored no IntactKV prefix; does its IntactKVModifier run?")
-    stored = prefix_kv_of(model)
-    with intact_kv_disabled(model):
-        own = model_kv_for_prefix(model, config.prefix_token_ids)
+    key_error, value_error = replaced_error(model, config.prefix_token_ids, prefix_kv_of(model))
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     return QuantizedCheckpoint(
@@ -92,8 +89,8 @@ def quantize_to_checkpoint(
         recipe=recipe,
         prefix_token_ids=config.prefix_token_ids,
         prefix_text=tokenizer.decode(config.prefix_token_ids),
-        key_error_replaced=mean_relative_error(own.keys, stored.keys),
-        value_error_replaced=mean_relative_error(own.values, stored.values),
+        key_error_replaced=key_error,
+        value_error_replaced=value_error,
         calibration=config.calibration,
         source_weight_bytes=weight_bytes(model_source),
         weight_bytes=weight_bytes(out) or 0,

@@ -16,7 +16,6 @@ matter.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -25,22 +24,21 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from loguru import logger
 from pydantic import Field, PrivateAttr
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
 from intactkv_modifier.calibration import (
     CalibrationSettings,
     CalibrationTargets,
-    calibrate_prefix_kv,
-    prefix_mse,
+    fit_attached_prefix,
     record_targets,
 )
-from intactkv_modifier.capture import capture_prefix_kv, mean_relative_error, model_kv_for_prefix
+from intactkv_modifier.capture import capture_prefix_kv, full_precision_forward
 from intactkv_modifier.kv_quant.allocation import NormKind, allocate_bits
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
-from intactkv_modifier.prefix import resolve_prefix_token_ids
+from intactkv_modifier.kv_readout import replaced_error
+from intactkv_modifier.prefix import resolve_prefix_token_ids, tokenizer_for
 from intactkv_modifier.prefix_kv import PrefixKV
-from intactkv_modifier.runtime import intact_kv_disabled
 from intactkv_modifier.storage import attach_intact_kv
 
 __all__ = ["IntactKVModifier"]
@@ -113,7 +111,7 @@ class IntactKVModifier(Modifier):
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         model = state.model
         attentions = attention_modules(model)
-        tokenizer = None if self.prefix_token_ids is not None else self._load_tokenizer(model)
+        tokenizer = None if self.prefix_token_ids is not None else tokenizer_for(model, self.tokenizer)
         self._prefix_ids = resolve_prefix_token_ids(
             prefix_token_ids=self.prefix_token_ids,
             prefix_text=self.prefix_text,
@@ -162,46 +160,21 @@ class IntactKVModifier(Modifier):
             allocation = allocate_bits(model, self.kv_cache_bit_budget, base=self.kv_cache, norm=self.kv_cache_norm)
             self._kv_cache = allocation.settings
         if self.calibration is not None:
-            self._targets = record_targets(
-                model, self._calibration_data, self._prefix_ids, self.calibration.num_samples, self.calibration.loss
-            )
+            with full_precision_forward(model):
+                self._targets = record_targets(
+                    model, self._calibration_data, self._prefix_ids, self.calibration.num_samples,
+                    self.calibration.loss,
+                )
 
     def _calibrate(self, model: PreTrainedModel) -> None:
         assert self._targets is not None and self.calibration is not None
-        before = prefix_mse(model, self._targets)
-        started = time.perf_counter()
-        calibrated = calibrate_prefix_kv(model, self._targets, self.calibration)
-        self._calibration_seconds = time.perf_counter() - started
-        attach_intact_kv(model, self._prefix_ids, calibrated, kv_cache=self._kv_cache)
-        after = prefix_mse(model, self._targets)
-        logger.info(f"IntactKV calibration: MSE to the FP model {before:.6g} -> {after:.6g}")
-        record = {**self.calibration.model_dump(), "mse_before": before, "mse_after": after}
-        attach_intact_kv(model, self._prefix_ids, calibrated, calibration=record, kv_cache=self._kv_cache)
+        fit = fit_attached_prefix(model, self._prefix_ids, self._targets, self.calibration, kv_cache=self._kv_cache)
+        self._calibration_seconds = fit.seconds
         self._targets = None
 
     def _log_replaced_error(self, model: PreTrainedModel) -> None:
-        """How far the quantized model's own prefix KV is from the stored one: what IntactKV fixes."""
         assert self._captured is not None
-        with intact_kv_disabled(model):
-            quantized = model_kv_for_prefix(model, self._prefix_ids)
-        key_error = mean_relative_error(quantized.keys, self._captured.keys)
-        value_error = mean_relative_error(quantized.values, self._captured.values)
-        logger.info(
-            f"IntactKV: the quantized model's prefix KV differs from full precision by "
-            f"{key_error:.2%} (keys) and {value_error:.2%} (values) on average; the stored KV replaces it"
-        )
-
-    def _load_tokenizer(self, model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
-        source = self.tokenizer or getattr(model.config, "_name_or_path", None)
-        if not source:
-            return None
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            if self.tokenizer is not None:
-                raise ValueError(f"IntactKV could not load tokenizer {self.tokenizer!r}: {error}") from error
-            logger.debug(f"IntactKV: no tokenizer at {source!r}: {error}")
-            return None
+        replaced_error(model, self._prefix_ids, self._captured)
 
 
 def _quantizer_started(model: torch.nn.Module) -> bool:

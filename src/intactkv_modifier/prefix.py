@@ -7,9 +7,29 @@ fixed text (a chat template's system prompt) tokenized the way prompts are.
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+import torch
+from loguru import logger
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-__all__ = ["prompt_start_tokens", "resolve_prefix_token_ids"]
+__all__ = ["prompt_start_tokens", "resolve_prefix_token_ids", "tokenizer_for"]
+
+
+def tokenizer_for(model: torch.nn.Module, source: str | None) -> PreTrainedTokenizerBase | None:
+    """The tokenizer at ``source``, else the one in the model's own folder (None when that has none).
+
+    A tokenizer the user named must load; the model's folder may legitimately
+    hold none, when the prefix is given as token ids.
+    """
+    location = source or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not location:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        if source is not None:
+            raise ValueError(f"IntactKV could not load tokenizer {source!r}: {error}") from error
+        logger.debug(f"IntactKV: no tokenizer at {location!r}: {error}")
+        return None
 
 
 def resolve_prefix_token_ids(

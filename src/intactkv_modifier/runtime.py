@@ -162,6 +162,26 @@ class IntactKVRuntime:
     def of(cls, model: torch.nn.Module) -> IntactKVRuntime | None:
         return getattr(decoder_stack(model), cls.ATTRIBUTE, None)
 
+    @classmethod
+    def uninstall(cls, model: torch.nn.Module) -> None:
+        """Remove the runtime and its hooks, so the model computes as if none had been installed.
+
+        Hooks are found by their owner, not by handles, because a copied model's
+        hooks belong to the copy's runtime (:meth:`__deepcopy__`).
+        """
+        decoder = decoder_stack(model)
+        runtime = getattr(decoder, cls.ATTRIBUTE, None)
+        if runtime is None:
+            return
+        for module in (decoder, *runtime._attentions):
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is runtime]:
+                    del hooks[key]
+                    for flags in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                                  module._forward_hooks_always_called):
+                        flags.pop(key, None)
+        object.__delattr__(decoder, cls.ATTRIBUTE)
+
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """No splicing for calls made in this context (this thread or task) until the block ends."""

@@ -43,7 +43,7 @@ from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.prefix_kv import PrefixKV
 from intactkv_modifier.runtime import IntactKVRuntime
 
-__all__ = ["attach_intact_kv", "config_of", "load_intact_kv", "prefix_kv_of"]
+__all__ = ["attach_intact_kv", "config_of", "detach_intact_kv", "load_intact_kv", "prefix_kv_of"]
 
 #: ``save_pretrained`` arguments that belong to the upload, which happens after the side file is written.
 _UPLOAD_ARGUMENTS = ("commit_message", "commit_description", "repo_id", "create_pr", "private", "revision")
@@ -86,6 +86,27 @@ def attach_intact_kv(
     _register_buffers(attentions, config, prefix_kv, lambda tensor, _: tensor.detach().to(dtype).clone())
     _install(model, config)
     return config
+
+
+def detach_intact_kv(model: PreTrainedModel) -> None:
+    """Undo :func:`attach_intact_kv`: buffers, splicing hooks, config block and save wrapper go.
+
+    For an attach that must be taken back (a quantized model IntactKV turned out
+    not to apply to), so the model is left as it was; a KV-cache quantization the
+    block named stays installed.
+    """
+    IntactKVRuntime.uninstall(model)
+    for attention in attention_modules(model):
+        for name in (KEY_BUFFER, VALUE_BUFFER):
+            attention._buffers.pop(name, None)
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    save = vars(model).get("save_pretrained")
+    if isinstance(save, PrefixSavingSave):
+        if getattr(save._inner, "__func__", None) is type(model).save_pretrained:
+            del model.save_pretrained
+        else:
+            model.save_pretrained = save._inner
 
 
 def load_intact_kv(model: PreTrainedModel, config: IntactKVConfig, checkpoint_dir: str | os.PathLike[str]) -> None:

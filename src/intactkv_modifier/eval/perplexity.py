@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from compressed_tensors.offload import get_execution_device
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from intactkv_modifier.architecture import text_config
+from intactkv_modifier.devices import execution_device
 
 __all__ = ["perplexity", "saved_windows", "token_windows"]
 
@@ -49,25 +49,31 @@ def saved_windows(path: Path, split: Literal["calibration", "eval"], count: int)
 @torch.no_grad()
 def perplexity(
     model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 8, desc: str = "perplexity",
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 1024, first_target: int = 1,
 ) -> float:
-    """exp(mean next-token NLL) over every predicted token of every window.
+    """exp(mean next-token NLL) over the tokens at positions ``first_target`` onwards of every window.
+
+    ``first_target=1`` counts every predicted token; a window that starts with a
+    P-token system prompt counts only what follows it with ``first_target=P``,
+    since a chat never asks the model to predict its own fixed system prompt.
 
     The output head is applied ``chunk_tokens`` positions at a time: a 262k-token vocabulary (Gemma 3)
     would otherwise need float32 logits of ``batch x length x vocab`` (4 GiB for 8 x 512), so memory
     stays flat whatever the vocabulary.
     """
+    if not 1 <= first_target < windows.shape[1]:
+        raise ValueError(f"first_target {first_target} leaves no token to predict in windows of {windows.shape[1]}")
     head = model.get_output_embeddings()
     softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
-    device = get_execution_device(model.get_input_embeddings())
+    device = execution_device(model.get_input_embeddings())
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
         batch = windows[start : start + batch_size].to(device)
         # through the model's own forward (a compressed checkpoint decompresses there on first use), which
         # computes one position's logits; the final hidden states come back as the last hidden state
         output = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = output.hidden_states[-1][:, :-1].flatten(0, 1)
-        labels = batch[:, 1:].flatten()
+        hidden = output.hidden_states[-1][:, first_target - 1 : -1].flatten(0, 1)
+        labels = batch[:, first_target:].flatten()
         for chunk in range(0, labels.numel(), chunk_tokens):
             logits = head(hidden[chunk : chunk + chunk_tokens]).float()
             if softcap:
