@@ -100,3 +100,15 @@ def test_greedy_answers_keep_the_end_of_turn_token_and_stop_there(tiny_chat_mode
     assert IM_END not in answer[:-1].tolist()
     assert answer.numel() <= 8
     assert isinstance(sample, ChatSample)
+
+
+def test_an_eval_set_travels_as_plain_tensors(tokenizer, tmp_path):
+    from intactkv_modifier.eval.chat_eval import ChatEvalSet
+
+    samples = [render_sample(tokenizer, chat_messages(PAIRS[i : i + 1])) for i in range(3)]
+    original = ChatEvalSet(single_turn=samples[:2], multi_turn=[], greedy=samples[2:])
+    torch.save(original.to_tensors(), tmp_path / "samples.pt")
+    loaded = ChatEvalSet.from_tensors(torch.load(tmp_path / "samples.pt", weights_only=True))
+    assert loaded.describe() == original.describe()
+    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+               for a, b in zip(loaded.single_turn + loaded.greedy, original.single_turn + original.greedy))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,6 +30,8 @@ from intactkv_modifier.eval.chat_samples import (
 )
 from intactkv_modifier.eval.chat_scores import agreement, assistant_perplexity, greedy_answers
 from intactkv_modifier.eval.conversations import sample_question_answers
+
+_PARTS = ("single_turn", "multi_turn", "greedy")
 
 __all__ = ["ChatEvalSet", "ChatEvalSizes", "ChatScores", "build_chat_eval_set", "score_chat"]
 
@@ -51,6 +54,15 @@ class ChatEvalSet:
     single_turn: list[ChatSample]
     multi_turn: list[ChatSample]
     greedy: list[ChatSample]
+
+    def to_tensors(self) -> dict[str, list[list[torch.Tensor]]]:
+        """Plain tensors (``torch.save``-able, loadable with ``weights_only=True``): the same samples elsewhere,
+        e.g. on a machine without the corpus, or one whose FP model would answer a near-tie otherwise."""
+        return {part: [[s.input_ids, s.targets] for s in getattr(self, part)] for part in _PARTS}
+
+    @classmethod
+    def from_tensors(cls, saved: dict[str, list[list[torch.Tensor]]]) -> ChatEvalSet:
+        return cls(*([ChatSample(ids, targets.bool()) for ids, targets in saved[part]] for part in _PARTS))
 
     def describe(self) -> dict[str, int]:
         """Samples and scored tokens of each part: what a table reports beside its figures."""
