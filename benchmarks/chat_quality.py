@@ -124,6 +124,12 @@ def run_recipe(args: argparse.Namespace, name: str, context: dict) -> dict:
     return row
 
 
+def model_label(folder: str) -> str:
+    """The prepared model's name (``intactkv prepare`` records it) and the folder, else the folder."""
+    provenance = Path(folder) / "intactkv_prepared.json"
+    return f"{json.loads(provenance.read_text())['model']} ({folder})" if provenance.is_file() else folder
+
+
 def markdown(result: dict) -> str:
     fp = result["fp"]
     sizes = result["eval_set"]
@@ -220,7 +226,7 @@ def main() -> None:
                "fp_model": fp_model}
     out_json = args.out / "chat_quality.json"
     result = {
-        "model": args.model,
+        "model": model_label(args.model),
         "fp_note": "the FP reference is the dequantized Q4_1 GGUF weights",
         "prefix_token_ids": prefix,
         "first_token": tokenizer.convert_ids_to_tokens(prefix[:1])[0],

@@ -68,7 +68,7 @@ def test_a_tokenizer_without_a_chat_template_is_named():
 def test_resolve_takes_the_chat_template_and_refuses_two_settings(chat_tokenizer):
     resolve = dict(prefix_token_ids=None, prefix_text=None, tokenizer=chat_tokenizer, max_positions=64)
     assert resolve_prefix_token_ids(**resolve, chat_template=ChatTemplatePrefix()) == SYSTEM_TURN_IDS
-    with pytest.raises(ValueError, match="not \\['prefix_text', 'prefix_chat_template'\\]"):
+    with pytest.raises(ValueError, match="not both \\(prefix_text, prefix_chat_template\\)"):
         resolve_prefix_token_ids(**{**resolve, "prefix_text": "w1"}, chat_template=ChatTemplatePrefix())
     with pytest.raises(ValueError, match="prefix_chat_template: true"):
         resolve_prefix_token_ids(**resolve)  # no BOS, nothing named: the error says what to set

@@ -54,6 +54,11 @@ class IntactKVModifier(Modifier):
     Place it anywhere in a recipe with a weight quantizer (after GPTQ/AWQ/rotations
     reads naturally). After ``oneshot`` the model carries the prefix KV, uses it in
     ``forward``/``generate``, and ``save_pretrained`` writes it into the checkpoint.
+    For a chat model, keep its whole system turn (the paper's main setting)::
+
+        IntactKVModifier:
+          prefix_chat_template: true      # or "You are ..." for your own system prompt
+          calibration: {epochs: 5, batch_size: 4, lr: 1.0e-3}   # optional: IntactKV+Cal
 
     :param prefix_token_ids: explicit prefix token ids (e.g. ``[1]``)
     :param prefix_text: fixed text every prompt starts with; tokenized with the

@@ -27,7 +27,9 @@ def resolve_prefix_token_ids(
     given = [name for name, value in (("prefix_token_ids", prefix_token_ids), ("prefix_text", prefix_text),
                                       ("prefix_chat_template", chat_template)) if value is not None]
     if len(given) > 1:
-        raise ValueError(f"Set one of `prefix_token_ids`, `prefix_text` and `prefix_chat_template`, not {given}.")
+        raise ValueError(
+            f"Set one of `prefix_token_ids`, `prefix_text` and `prefix_chat_template`, not both ({', '.join(given)})."
+        )
 
     if prefix_token_ids is not None:
         ids = list(prefix_token_ids)

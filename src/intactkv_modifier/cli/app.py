@@ -24,6 +24,9 @@ from intactkv_modifier.cli.output import (
 )
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
     from intactkv_modifier.eval.diagnosis import PivotDiagnosis
 
 __all__ = ["app", "main"]
@@ -149,11 +152,12 @@ def quantize(
     from intactkv_modifier.cli.views import quantized_view
     from intactkv_modifier.export import quantize_to_checkpoint
     from intactkv_modifier.recipes import resolve_recipe
-    from intactkv_modifier.recipes.fit import intactkv_modifier_in
+    from intactkv_modifier.recipes.fit import check_group_sizes, intactkv_modifier_in, shape_only_model
 
     recipe_path = resolve_recipe(recipe)
     model = model_source(model)
     with library_output():
+        check_group_sizes(shape_only_model(model), recipe_path, recipe)  # before any window is cut or weight loaded
         tokenizer = AutoTokenizer.from_pretrained(model)
         modifier = intactkv_modifier_in(recipe_path)
         prefix = modifier.prefix_for(tokenizer if modifier.tokenizer is None else
@@ -203,7 +207,6 @@ def evaluate(
 
     from intactkv_modifier.checkpoint import read_config_block
     from intactkv_modifier.cli.inputs import model_source, text_of, text_windows
-    from intactkv_modifier.cli.views import chat_quality_view, quality_view
 
     if reference is not None:
         reference = model_source(reference)
@@ -215,27 +218,14 @@ def evaluate(
             raise ValueError(f"{checkpoint} has no `intactkv_config`: quantize it with `intactkv quantize` first")
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         if data == DataKind.chat:
-            from intactkv_modifier.eval.chat_eval import ChatEvalSizes
-            from intactkv_modifier.eval.report import evaluate_chat_checkpoint
-
             if text_file is not None:
                 raise ValueError("--text-file is plain text; --data chat builds conversations from the built-in corpus")
-            sizes = ChatEvalSizes(single_turn=conversations, multi_turn=multi_turn, greedy=questions)
-            with step(f"chat evaluation, {conversations} + {multi_turn} conversations, {questions} questions"):
-                chat = evaluate_chat_checkpoint(
-                    checkpoint, tokenizer, reference, sizes, system_prompt, seed, batch_size
-                )
-            views = chat_quality_view(chat)
+            views = _chat_evaluation(checkpoint, tokenizer, reference, (conversations, multi_turn, questions),
+                                     system_prompt, seed, batch_size)
         else:
-            from intactkv_modifier.eval.report import evaluate_checkpoint
-
             text, source = text_of(text_file)
             token_windows = text_windows(tokenizer, text, config.prefix_token_ids, seq_len, windows)
-            quality = evaluate_checkpoint(
-                checkpoint, token_windows, reference,
-                score=lambda model, w, label: perplexity_with_progress(model, w, label, batch_size),
-            )
-            views = quality_view(quality, source)
+            views = _text_evaluation(checkpoint, token_windows, reference, source, batch_size)
     for item in views:
         results.print(item)
 
@@ -289,6 +279,34 @@ def recipes() -> None:
 
     for name, path in shipped_recipes().items():
         results.print(f"{name:<22} {recipe_summary(path)}", markup=False)
+
+
+def _text_evaluation(
+    checkpoint: Path, token_windows: torch.Tensor, reference: str | None, source: str, batch_size: int
+) -> list[object]:
+    from intactkv_modifier.cli.views import quality_view
+    from intactkv_modifier.eval.report import evaluate_checkpoint
+
+    quality = evaluate_checkpoint(
+        checkpoint, token_windows, reference,
+        score=lambda model, w, label: perplexity_with_progress(model, w, label, batch_size),
+    )
+    return quality_view(quality, source)
+
+
+def _chat_evaluation(
+    checkpoint: Path, tokenizer: PreTrainedTokenizerBase, reference: str | None, counts: tuple[int, int, int],
+    system_prompt: str | None, seed: int, batch_size: int,
+) -> list[object]:
+    from intactkv_modifier.cli.views import chat_quality_view
+    from intactkv_modifier.eval.chat_eval import ChatEvalSizes
+    from intactkv_modifier.eval.report import evaluate_chat_checkpoint
+
+    single, multi, questions = counts
+    sizes = ChatEvalSizes(single_turn=single, multi_turn=multi, greedy=questions if reference is not None else 0)
+    with step(f"chat evaluation, {single} + {multi} conversations, {sizes.greedy} questions"):
+        quality = evaluate_chat_checkpoint(checkpoint, tokenizer, reference, sizes, system_prompt, seed, batch_size)
+    return chat_quality_view(quality)
 
 
 def _try_plot(diagnosis: PivotDiagnosis, path: Path) -> Path | None:

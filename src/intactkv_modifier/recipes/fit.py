@@ -23,7 +23,7 @@ from llmcompressor.recipe import Recipe
 from intactkv_modifier.modifier import IntactKVModifier
 from intactkv_modifier.recipes import shipped_recipes
 
-__all__ = ["WeightGroups", "check_group_sizes", "intactkv_modifier_in", "weight_groups"]
+__all__ = ["WeightGroups", "check_group_sizes", "intactkv_modifier_in", "shape_only_model", "weight_groups"]
 
 _GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
 #: Group sizes worth suggesting, largest (fewest scales) first.
@@ -85,6 +85,15 @@ def check_group_sizes(model: torch.nn.Module, recipe: Path, recipe_name: str | N
             + (f"Use the shipped recipe {' or '.join(shipped)}, or set `group_size: {fitting[0]}` in yours."
                if shipped else f"Set `group_size: {fitting[0]}` in the recipe." if fitting else "")
         )
+
+
+def shape_only_model(model_source: str) -> torch.nn.Module:
+    """The model's modules with their shapes and no weights (meta device): enough to check a recipe against it
+    before anything is loaded or calibrated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_source))
 
 
 def _input_widths(model: torch.nn.Module, groups: WeightGroups) -> dict[str, int]:
