@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Packaging a user can trust: build the sdist and, from it, the wheel; install the wheel (not this source tree)
 # with the quantize extra into a fresh venv; run the installed `intactkv` outside the source tree on
-# models/pivot-llama: recipes, a small quantize, eval, inspect. Catches missing package data and import-time
-# surprises. Needs network for the fresh venv's packages (pip's cache makes a second run quick).
+# models/pivot-llama: recipes, a small quantize, eval, inspect; load the checkpoint with transformers alone (the
+# start-up hook applies the prefix; INTACTKV_AUTOLOAD=0 does not). Catches missing package data, a missing .pth
+# and import-time surprises. Needs network for the fresh venv's packages (pip's cache makes a second run quick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/quietly.sh
@@ -33,6 +34,22 @@ intactkv=$work/venv/bin/intactkv
 "$intactkv" eval ckpt --reference "$root/models/pivot-llama" --text-file "$root/docs/serving.md" \
   --windows 4 --seq-len 128 -q
 "$intactkv" inspect ckpt -q
+
+echo "loading the checkpoint with transformers alone: the prefix with the start-up hook, none with INTACTKV_AUTOLOAD=0"
+if ! ls "$work"/venv/lib/python*/site-packages/intactkv-modifier-autoload.pth > /dev/null 2>&1; then
+  echo "the wheel did not install intactkv-modifier-autoload.pth into site-packages" >&2
+  exit 1
+fi
+# prints "<prefix applied> <package imported>" for ckpt, loaded by a program that never imports intactkv_modifier
+has_prefix='import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1])
+print(any(hasattr(module, "intact_key") for module in m.modules()), "intactkv_modifier" in sys.modules)'
+load_plainly() {
+  "$work/venv/bin/python" -c "$has_prefix" ckpt 2> "$work/load.log" | tail -n 1 || { tail -n 20 "$work/load.log" >&2; return 1; }
+}
+found=$(load_plainly)
+[ "$found" = "True True" ] || { echo "transformers alone loaded ckpt without its prefix ($found)" >&2; exit 1; }
+found=$(INTACTKV_AUTOLOAD=0 load_plainly)
+[ "$found" = "False False" ] || { echo "INTACTKV_AUTOLOAD=0 did not turn the hook off ($found)" >&2; exit 1; }
 if "$intactkv" inspect "$root/models/pivot-llama" -q > /dev/null; then
   echo "inspect passed a folder without IntactKV" >&2
   exit 1

@@ -9,6 +9,7 @@ import torch
 from llmcompressor.modifiers.quantization import GPTQModifier
 from test_modifier import gptq, quantize
 from tiny_models import BOS, load, load_tokenizer, text_samples
+from tolerances import EPS32, beyond, two_forwards, two_mses, within
 
 from intactkv_modifier import CONFIG_KEY, IntactKVModifier, attach_intact_kv, capture_prefix_kv, prefix_kv_of
 from intactkv_modifier.calibration import (
@@ -20,6 +21,8 @@ from intactkv_modifier.calibration import (
     prefix_mse,
     record_targets,
 )
+
+pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
 
 FAST = CalibrationSettings(num_samples=16, epochs=5, lr=1e-2, seed=0)
 
@@ -99,7 +102,11 @@ def test_a_batch_loss_is_the_mean_of_its_samples_losses(tiny_model_dirs, quantiz
     with torch.no_grad():
         batched = float(_batch_loss(quantized, targets, same_length))
         singles = [float(_batch_loss(quantized, targets, [i])) for i in same_length]
-    assert batched == pytest.approx(sum(singles) / len(singles), rel=1e-5)
+    mean = sum(singles) / len(singles)
+    largest = max(float(targets.hidden_states[i][:, targets.prefix_length :].abs().max()) for i in same_length)
+    # one batch against single samples: the same sums in other matmul shapes, against fixed targets
+    bound = two_mses(quantized.config, targets.input_ids[same_length[0]].numel(), largest, mean)
+    assert within(abs(batched / mean - 1), bound)
 
 
 def test_every_layer_targets_are_each_layers_output_and_zero_for_the_fp_model(tiny_model_dirs, quantized):
@@ -112,8 +119,11 @@ def test_every_layer_targets_are_each_layers_output_and_zero_for_the_fp_model(ti
         first_layer = fp.model(input_ids=targets.input_ids[0][None], output_hidden_states=True).hidden_states[1][0]
         assert torch.equal(targets.hidden_states[0][0], first_layer)
         attach_intact_kv(fp, [BOS], capture_prefix_kv(fp, [BOS]))
-        assert prefix_mse(fp, targets) < 1e-12  # float rounding of the spliced path, nothing more
-    assert prefix_mse(quantized, targets) > 1e-6
+        # only the spliced K/V round otherwise (computed for the prefix alone): each layer's MSE / 2 at most d**2 / 2
+        largest = max(float(hidden[:, targets.prefix_length :].abs().max()) for hidden in targets.hidden_states)
+        drift = two_forwards(fp.config, max(ids.numel() for ids in targets.input_ids)) * largest
+        assert within(prefix_mse(fp, targets), layers * drift**2 / 2)
+    assert beyond(prefix_mse(quantized, targets), layers * drift**2 / 2)  # W4 weights: far beyond rounding
 
 
 def test_every_layer_calibration_lowers_heldout_loss(tiny_model_dirs, quantized):
@@ -138,9 +148,15 @@ def test_accumulated_micro_batches_make_the_same_step_as_one_batch(tiny_model_di
         quantized, two, FAST.model_copy(update={"epochs": 1, "gradient_accumulation": 2, "max_grad_norm": 0.3})
     )
     single_step = calibrate_prefix_kv(quantized, two, FAST.model_copy(update={"epochs": 1}))
-    for a, b, c in zip(one_batch.keys, accumulated.keys, single_step.keys):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert any(not torch.allclose(a, c, rtol=0, atol=1e-6) for a, c in zip(one_batch.keys, single_step.keys))
+
+    def bound(kv: torch.Tensor) -> float:
+        """Adam's first step, lr g / (|g| + eps), moves by lr times the gradients' relative drift (the backward
+        reorders the forward's sums); the update rounds once, eps of the K/V."""
+        return FAST.lr * two_forwards(quantized.config, two.input_ids[0].numel()) + EPS32 * float(kv.abs().max())
+
+    for a, b in zip(one_batch.keys, accumulated.keys):
+        assert within(float((a - b).abs().max()), bound(a))
+    assert any(beyond(float((a - c).abs().max()), bound(a)) for a, c in zip(one_batch.keys, single_step.keys))
 
 
 def test_targets_recorded_for_another_loss_are_refused(tiny_model_dirs, quantized):

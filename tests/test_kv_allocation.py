@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from tiny_models import load
+from tolerances import EPS64
 
 from intactkv_modifier.kv_quant import (
     KeyFavoredQuantizedCache,
@@ -18,6 +19,8 @@ from intactkv_modifier.kv_quant import (
     choose_bits,
     install_kv_quantization,
 )
+
+pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
 
 
 def test_settings_round_trip_through_json():
@@ -98,7 +101,8 @@ def test_allocation_is_the_best_within_budget(budget):
         if sum(c) <= budget * 6
     ]
     best = min(_distortion(key_norms, value_norms, c) for c in within)
-    assert _distortion(key_norms, value_norms, bits) == pytest.approx(best, rel=1e-12)
+    # the same float64 formula; an equally good choice sums its 6 positive terms in another order: 6 eps apart
+    assert _distortion(key_norms, value_norms, bits) == pytest.approx(best, rel=6 * EPS64, abs=0)
 
 
 def test_larger_key_norms_get_at_least_the_value_bits():

@@ -12,6 +12,8 @@ from tiny_models import BOS, load
 from intactkv_modifier import CONFIG_KEY, IntactKVModifier
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings, allocate_bits, kv_quantization_of
 
+pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
+
 K4V2 = KVQuantSettings.from_bits(4, 2, group_size=8, residual_length=4)
 
 
@@ -34,7 +36,8 @@ def test_recipe_kv_cache_is_installed_saved_and_reapplied_on_load(tiny_model_dir
         output = reloaded(input_ids=_prompt(), use_cache=True)
         expected = model(input_ids=_prompt(), use_cache=True)
     assert isinstance(output.past_key_values, KeyFavoredQuantizedCache)
-    torch.testing.assert_close(output.logits, expected.logits, rtol=0, atol=1e-5)
+    # bit-identical weights and settings, the same forward: the same sums in the same order
+    assert torch.equal(output.logits, expected.logits)
     generated = reloaded.generate(_prompt(), max_new_tokens=8, do_sample=False)
     assert torch.equal(generated, model.generate(_prompt(), max_new_tokens=8, do_sample=False))
 

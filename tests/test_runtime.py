@@ -9,8 +9,11 @@ import pytest
 import torch
 from loguru import logger
 from tiny_models import ARCHITECTURES, BOS, left_pad, load, load_tokenizer, text_samples
+from tolerances import beyond, relative_error, two_forwards, within
 
 from intactkv_modifier import PrefixKV, attach_intact_kv, capture_prefix_kv, intact_kv_disabled
+
+pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
 
 
 def _prefix_of(tokenizer) -> list[int]:
@@ -44,7 +47,8 @@ def test_own_full_precision_kv_leaves_logits_unchanged(tiny_model_dirs, architec
     attach_intact_kv(model, prefix, capture_prefix_kv(model, prefix))
     with_intact = model(input_ids=ids).logits
 
-    torch.testing.assert_close(with_intact, plain, atol=1e-5, rtol=0)
+    # the prefix K/V were computed in a forward of the prefix alone (another matmul shape), the rest is the same
+    assert within(relative_error(with_intact, plain), two_forwards(model.config, ids.shape[1]))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -60,7 +64,7 @@ def test_stored_kv_replaces_the_prefix_kv(tiny_model_dirs, architecture):
     with intact_kv_disabled(model):
         disabled = model(input_ids=ids).logits
 
-    assert (changed - plain).abs().max() > 1e-3
+    assert beyond(relative_error(changed, plain), 10 * two_forwards(model.config, ids.shape[1]))  # 10x rounding's
     torch.testing.assert_close(disabled, plain, atol=0, rtol=0)
 
 
@@ -121,7 +125,9 @@ def test_left_padded_batch_equals_unbatched(tiny_model_dirs, architecture):
     batched_logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
     for index, row in enumerate(rows):
         single_logits = model(input_ids=torch.tensor([row])).logits[0]
-        torch.testing.assert_close(batched_logits[index, -len(row) :], single_logits, atol=1e-5, rtol=1e-5)
+        # another batch shape: every matmul may add in another order
+        assert within(relative_error(batched_logits[index, -len(row) :], single_logits),
+                      two_forwards(model.config, ids.shape[1]))
 
 
 def test_rows_without_the_prefix_run_unchanged_with_one_warning_then_debug_lines(tiny_model_dirs):
@@ -144,7 +150,7 @@ def test_rows_without_the_prefix_run_unchanged_with_one_warning_then_debug_lines
         logger.remove(sink)
 
     torch.testing.assert_close(mixed[1], plain[1], atol=0, rtol=0)
-    assert (mixed[0] - plain[0]).abs().max() > 1e-3
+    assert beyond(relative_error(mixed[0], plain[0]), 10 * two_forwards(model.config, ids.shape[1]))  # 10x rounding's
     reports = [m.split(" prompts")[0] for m in messages if "do not start with the stored prefix" in m]
     assert reports == ["WARNING IntactKV: 1 of 2", "DEBUG IntactKV: 1 of 2", "DEBUG IntactKV: 1 of 1"]
 
@@ -160,7 +166,7 @@ def test_prefix_off_position_zero_is_not_spliced(tiny_model_dirs):
     spliced = model(input_ids=ids, attention_mask=mask).logits
 
     torch.testing.assert_close(spliced[0], plain[0], atol=0, rtol=0)
-    assert (spliced[1] - plain[1]).abs().max() > 1e-3
+    assert beyond(relative_error(spliced[1], plain[1]), 10 * two_forwards(model.config, ids.shape[1]))  # 10x rounding's
 
 
 def test_threads_sharing_a_model_get_their_own_prefill_plans(tiny_model_dirs):

@@ -159,13 +159,20 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
-def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float | None = None) -> Any:
+def run_python(
+    code: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    python: str | Path = sys.executable,
+) -> Any:
     """Run ``code`` in a fresh interpreter (import-time and environment effects) and return the JSON it printed.
 
     The code reports by printing one line ``RESULT <json>``; anything else on stdout or stderr is ignored.
+    ``python`` is another environment's interpreter where the code needs it (the serving one, for vLLM).
     """
     result = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout
+        [str(python), "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(row for row in result.stdout.splitlines() if row.startswith("RESULT "))

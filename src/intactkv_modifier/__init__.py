@@ -1,19 +1,26 @@
 """IntactKV for llm-compressor: keep the pivot tokens' KV cache in full precision.
 
 Importing the package registers :class:`IntactKVModifier` with llm-compressor's
-``ModifierFactory`` (so YAML recipes can name it) and makes transformers apply
-the stored prefix KV of any checkpoint that carries one when it is loaded.
+``ModifierFactory`` (so YAML recipes can name it). Transformers applies the
+stored prefix KV of any checkpoint that carries one when it is loaded, in every
+process where the package is installed, with or without this import (see
+:mod:`_intactkv_autoload`; importing the package arms that hook even where
+``INTACTKV_AUTOLOAD=0`` turned off the automatic one), and with or without
+llm-compressor.
 
-Without llm-compressor (the ``quantize`` extra) only the checkpoint format and
-the vLLM plugin (:mod:`intactkv_modifier.serving`) are available: vLLM pins a
+Without llm-compressor (the ``quantize`` extra) the modifier, capture and
+calibration are not available, only the checkpoint format, the loading hook and
+the vLLM plugin (:mod:`intactkv_modifier.serving`): vLLM pins a
 compressed-tensors release that llm-compressor does not accept, so a serving
 environment cannot hold both, and importing the plugin runs this file.
 """
 
+import logging
 import os
 import sys
 from typing import Any
 
+from _intactkv_autoload import arm
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
 
 __version__ = "0.1.0"
@@ -45,7 +52,7 @@ def _import_llmcompressor_quietly() -> bool:
 
 
 QUANTIZATION_AVAILABLE = _import_llmcompressor_quietly()
-"""Whether llm-compressor imports, i.e. whether the modifier, capture and loading hook are available."""
+"""Whether llm-compressor imports, i.e. whether the modifier, capture and calibration are available."""
 
 _NEEDS_QUANTIZE_EXTRA = (
     "IntactKVModifier",
@@ -62,17 +69,20 @@ __all__ = ["CONFIG_KEY", "QUANTIZATION_AVAILABLE", "IntactKVConfig"]
 if QUANTIZATION_AVAILABLE:
     from llmcompressor.modifiers.factory import ModifierFactory
 
-    from intactkv_modifier.capture import PrefixKV, capture_prefix_kv  # noqa: F401 (exported through __all__)
-    from intactkv_modifier.loading import install_loading_hook
+    from intactkv_modifier.capture import capture_prefix_kv  # noqa: F401 (exported through __all__)
     from intactkv_modifier.modifier import IntactKVModifier
+    from intactkv_modifier.prefix_kv import PrefixKV  # noqa: F401
     from intactkv_modifier.runtime import intact_kv_disabled  # noqa: F401
     from intactkv_modifier.storage import attach_intact_kv, config_of, prefix_kv_of  # noqa: F401
 
     __all__ += list(_NEEDS_QUANTIZE_EXTRA)
     ModifierFactory.register("IntactKVModifier", IntactKVModifier)
-    install_loading_hook()
 else:
-    # No log line here: this runs in every vLLM process of a serving install, where it would only be noise.
+    # stdlib logging, silent unless the program configures it: this line runs in every vLLM process of a serving
+    # install, where loguru's default sink would print it
+    logging.getLogger(__name__).debug(
+        "llm-compressor is not installed: the checkpoint format, loading hook and vLLM plugin load, not the modifier"
+    )
 
     def __getattr__(name: str) -> Any:
         if name in _NEEDS_QUANTIZE_EXTRA:
@@ -81,3 +91,5 @@ else:
                 "pip install 'intactkv-modifier[quantize]'"
             )
         raise AttributeError(f"module 'intactkv_modifier' has no attribute '{name}'")
+
+arm()  # an explicit import asks for IntactKV: the hook even where INTACTKV_AUTOLOAD=0, without importing transformers

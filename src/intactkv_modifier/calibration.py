@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from intactkv_modifier.architecture import decoder_stack
-from intactkv_modifier.capture import PrefixKV, full_precision_forward
+from intactkv_modifier.capture import full_precision_forward
+from intactkv_modifier.prefix_kv import PrefixKV
 from intactkv_modifier.runtime import IntactKVRuntime
 from intactkv_modifier.storage import prefix_kv_of
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from compressed_tensors.offload import get_execution_device
@@ -20,29 +19,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from intactkv_modifier.architecture import decoder_stack
 from intactkv_modifier.kv_quant.install import kv_quantization_of
+from intactkv_modifier.prefix_kv import PrefixKV
 
-__all__ = ["PrefixKV", "capture_prefix_kv", "full_precision_forward", "mean_relative_error", "model_kv_for_prefix"]
-
-
-@dataclass
-class PrefixKV:
-    """Per-layer prefix keys and values, each ``[num_key_value_heads, prefix_length, head_dim]``."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    def __post_init__(self) -> None:
-        if len(self.keys) != len(self.values):
-            raise ValueError(f"{len(self.keys)} key tensors but {len(self.values)} value tensors")
-
-    def truncated(self, length: int) -> PrefixKV:
-        """The KV of the prefix's first ``length`` tokens: with causal attention exactly what capturing that
-        shorter prefix alone gives (no position attends to later ones), so one capture serves both."""
-        if not 0 < length <= self.keys[0].shape[1]:
-            raise ValueError(f"cannot keep {length} of a {self.keys[0].shape[1]}-token prefix")
-        return PrefixKV(
-            keys=[k[:, :length].clone() for k in self.keys], values=[v[:, :length].clone() for v in self.values]
-        )
+__all__ = ["capture_prefix_kv", "full_precision_forward", "mean_relative_error", "model_kv_for_prefix"]
 
 
 @contextmanager

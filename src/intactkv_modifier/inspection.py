@@ -5,7 +5,9 @@ Every check the loaders make (transformers' hook in
 :mod:`~intactkv_modifier.checkpoint`) runs here on the folder alone, so
 a checkpoint that would fail to load fails here first, with the loader's own
 message. Each check is recorded, passed or not, so the report shows what was
-verified, not only what went wrong.
+verified, not only what went wrong. One check is for people rather than loaders:
+whether the folder's README says that the prefix needs intactkv-modifier, since
+without the package every loader takes the plain model silently.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from transformers import AutoConfig
 
 from intactkv_modifier.architecture import kv_geometry
 from intactkv_modifier.checkpoint import (
+    CARD_FILE,
+    NEEDS_PACKAGE,
     SIDE_FILE_PATH,
     StoredPrefix,
+    card_mentions_package,
     prefix_tensors_in_weight_files,
     read_config_block,
     read_prefix_tensors,
@@ -29,9 +34,15 @@ from intactkv_modifier.checkpoint import (
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 
-__all__ = ["Check", "CheckpointInspection", "Outcome", "inspect_checkpoint"]
+__all__ = ["WHERE_IT_LOADS", "Check", "CheckpointInspection", "Outcome", "inspect_checkpoint"]
 
 Outcome = Literal["ok", "warning", "error"]
+
+#: Every verdict of a folder that loads says it: without the package nothing warns.
+WHERE_IT_LOADS = (
+    "in transformers and vLLM where intactkv-modifier is installed (without it, both load the plain quantized "
+    "model, silently)"
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,8 @@ class CheckpointInspection:
             return f"WILL NOT LOAD: {errors[0].detail}"
         warnings = [check.name for check in self.checks if check.outcome == "warning"]
         if warnings:
-            return f"loads with its intact prefix, with warnings ({', '.join(warnings)})"
-        return "loads with its intact prefix in transformers and vLLM"
+            return f"loads with its intact prefix, with warnings ({', '.join(warnings)}), {WHERE_IT_LOADS}"
+        return f"loads with its intact prefix {WHERE_IT_LOADS}"
 
     def _record(self, name: str, outcome: Outcome, detail: str) -> None:
         self.checks.append(Check(name, outcome, detail))
@@ -81,6 +92,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike[str]) -> CheckpointInspecti
     if stored is None:
         return report
     _weight_files_are_clean(report, stored)
+    _card_names_the_package(report)
     return report
 
 
@@ -161,6 +173,22 @@ def _weight_files_are_clean(report: CheckpointInspection, stored: StoredPrefix) 
         f"no {SIDE_FILE_PATH}: the prefix is in {', '.join(holding)} (older layout); transformers loads it, vLLM "
         "refuses it. Load and save it again with intactkv_modifier imported to move it.",
     )
+
+
+def _card_names_the_package(report: CheckpointInspection) -> None:
+    if card_mentions_package(report.path):
+        report._record("model card", "ok", f"{CARD_FILE} says that the prefix needs intactkv-modifier")
+        return
+    consequence = "so a user without it gets the plain model and no hint why"
+    if (report.path / CARD_FILE).is_file():
+        detail = f"{CARD_FILE} does not say that the prefix needs intactkv-modifier, {consequence}. Add: "
+        detail += NEEDS_PACKAGE
+    else:
+        detail = (
+            f"no {CARD_FILE} says that the prefix needs intactkv-modifier, {consequence}. Save the model again "
+            "(every save writes the card)."
+        )
+    report._record("model card", "warning", detail)
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,62 +1,62 @@
 """Applying a checkpoint's intact prefix KV when transformers loads the model.
 
-Importing :mod:`intactkv_modifier` wraps ``PreTrainedModel.from_pretrained``.
-When the loaded model's config carries the IntactKV block, the wrapper reads the
-prefix K/V from the checkpoint's side file (or, for checkpoints written before
-it existed, from the weight files) and gives the model its buffers and splicing
-hooks; every other model is returned untouched.
+``PreTrainedModel.from_pretrained`` is wrapped by :mod:`_intactkv_autoload`, in
+every process where the package is installed (its ``.pth`` file arms the wrapper
+at interpreter start) and in any process that imports :mod:`intactkv_modifier`.
+When the loaded model's config carries the IntactKV block, the wrapper calls
+:func:`apply_stored_prefix`, which reads the prefix K/V from the checkpoint's
+side file (or, for checkpoints written before it existed, from the weight files)
+and gives the model its buffers and splicing hooks; every other model is
+returned untouched, without importing this module.
 
 Why after loading and not while building the model: transformers 5 builds models
 on the meta device and fills only what the weight files hold. The prefix buffers
 are non-persistent (so that no weight file holds them and vLLM can load the
 weights), so transformers would leave them uninitialised; the finished model,
 on its final devices, is the first point where they can be filled for real.
+
+Nothing here needs llm-compressor: a serving or evaluation environment without
+it applies stored prefixes all the same.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
 
+from _intactkv_autoload import arm
 from intactkv_modifier.architecture import attention_modules
 from intactkv_modifier.checkpoint import HubAccess, checkpoint_folder
 from intactkv_modifier.config import CONFIG_KEY
 from intactkv_modifier.storage import config_of, load_intact_kv
 
-__all__ = ["install_loading_hook"]
+__all__ = ["apply_stored_prefix", "install_loading_hook"]
 
-_MARK = "_intactkv_loading_hook"
 #: ``from_pretrained`` arguments that say where a hub checkpoint's files come from.
 _HUB_ARGUMENTS = tuple(HubAccess.model_fields)
 
 
 def install_loading_hook() -> None:
-    """Idempotent: importing the package twice, or reloading it, wraps only once."""
-    original = PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
-    if getattr(original, _MARK, False):
+    """Make ``from_pretrained`` apply stored prefixes in this process; idempotent (one wrapper however often called)."""
+    arm()
+
+
+def apply_stored_prefix(
+    model: PreTrainedModel, source: str | os.PathLike[str] | None, from_pretrained_kwargs: dict[str, Any]
+) -> None:
+    """Give ``model``, just loaded from ``source``, the prefix K/V its config block declares, or raise why not.
+
+    ``from_pretrained_kwargs`` are the loading call's keyword arguments: a hub
+    checkpoint's side file is fetched with the same revision, token and cache.
+    """
+    config = config_of(model)
+    if config is None:
         return
-
-    @functools.wraps(original)
-    def from_pretrained(
-        cls: type[PreTrainedModel],
-        pretrained_model_name_or_path: str | os.PathLike[str] | None,
-        *model_args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        loaded = original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True adds a dict
-        config = config_of(model)
-        if config is not None:
-            _require_decoder_layers(model)
-            load_intact_kv(model, config, _checkpoint_folder(pretrained_model_name_or_path, kwargs))
-        return loaded
-
-    setattr(from_pretrained, _MARK, True)
-    PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[method-assign,assignment]
+    _require_decoder_layers(model)
+    load_intact_kv(model, config, _checkpoint_folder(source, from_pretrained_kwargs))
 
 
 def _checkpoint_folder(source: str | os.PathLike[str] | None, kwargs: dict[str, Any]) -> Path:

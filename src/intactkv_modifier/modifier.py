@@ -35,11 +35,12 @@ from intactkv_modifier.calibration import (
     prefix_mse,
     record_targets,
 )
-from intactkv_modifier.capture import PrefixKV, capture_prefix_kv, mean_relative_error, model_kv_for_prefix
+from intactkv_modifier.capture import capture_prefix_kv, mean_relative_error, model_kv_for_prefix
 from intactkv_modifier.chat_template import ChatTemplatePrefix
 from intactkv_modifier.kv_quant.allocation import NormKind, allocate_bits
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.prefix import resolve_prefix_token_ids
+from intactkv_modifier.prefix_kv import PrefixKV
 from intactkv_modifier.runtime import intact_kv_disabled
 from intactkv_modifier.storage import attach_intact_kv
 

@@ -5,8 +5,10 @@ with ``model.to(...)`` like any buffer, yet no ``state_dict`` (so no weight file
 compressed or not) holds them, because weight loaders such as vLLM's reject
 tensors their model lacks. ``save_pretrained`` is wrapped so that every save
 writes the side file and the sealed config block in the order
-:mod:`intactkv_modifier.checkpoint.folder` prescribes (and uploads only then,
-with ``push_to_hub=True``); :func:`load_intact_kv` reads them back.
+:mod:`intactkv_modifier.checkpoint.folder` prescribes, then the model card that
+says the prefix needs this package (:mod:`intactkv_modifier.checkpoint.card`),
+and uploads only then, with ``push_to_hub=True``; :func:`load_intact_kv` reads
+them back.
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from transformers import PreTrainedModel
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
-from intactkv_modifier.capture import PrefixKV
-from intactkv_modifier.checkpoint import forget_prefix, read_prefix_tensors, seal_prefix
+from intactkv_modifier.checkpoint import (
+    CARD_FILE,
+    NEEDS_PACKAGE,
+    card_mentions_package,
+    forget_prefix,
+    read_prefix_tensors,
+    seal_prefix,
+    write_model_card,
+)
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER, IntactKVConfig
 from intactkv_modifier.kv_quant.install import install_kv_quantization
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
+from intactkv_modifier.prefix_kv import PrefixKV
 from intactkv_modifier.runtime import IntactKVRuntime
 
 __all__ = ["attach_intact_kv", "config_of", "load_intact_kv", "prefix_kv_of"]
@@ -223,7 +234,7 @@ class PrefixSavingSave:
 def _save_with_prefix(
     model: PreTrainedModel, inner: Callable[..., Any], save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any
 ) -> Any:
-    """Old side file out, weights and config.json in, then the side file and the sealed block, then the upload."""
+    """Old side file out, weights and config.json in, then the side file and the sealed block, the card, the upload."""
     if _SAVING.get():
         return inner(save_directory, *args, **kwargs)
     push_to_hub = bool(kwargs.pop("push_to_hub", False))
@@ -238,12 +249,21 @@ def _save_with_prefix(
         config = config_of(model)
         if main_process and config is not None and (directory / "config.json").exists():
             prefix_kv = prefix_kv_of(model)
-            seal_prefix(directory, config, prefix_kv.keys, prefix_kv.values)
+            _write_card(directory, seal_prefix(directory, config, prefix_kv.keys, prefix_kv.values))
     finally:
         _SAVING.reset(saving)
     if push_to_hub and main_process:
         _upload(directory, kwargs.get("token"), upload)
     return result
+
+
+def _write_card(directory: Path, config: IntactKVConfig) -> None:
+    """Our card, or a word about the user's own README when it does not name the package the prefix needs."""
+    if write_model_card(directory, config) == "kept" and not card_mentions_package(directory):
+        logger.info(
+            f"IntactKV: {directory / CARD_FILE} is yours and was left as it is, but it does not say that the prefix "
+            f"needs intactkv-modifier; add: {NEEDS_PACKAGE}"
+        )
 
 
 def _upload(directory: Path, token: bool | str | None, upload: dict[str, Any]) -> None:

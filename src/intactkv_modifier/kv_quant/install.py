@@ -20,11 +20,11 @@ intact prefix KV lands in the cache's full-precision prefix slots.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from transformers import DynamicCache, PreTrainedModel
 
@@ -118,7 +118,7 @@ class KVQuantization:
     def _use_quantized_cache(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # full_precision_forward (prefix capture, calibration targets) silences every hook, this one included;
         # training never decodes, and a cache handed to the layers would be written even with use_cache forced off
-        if self._suspended or HooksMixin._HOOKS_DISABLED or module.training:
+        if self._suspended or _llm_compressor_hooks_disabled() or module.training:
             return None
         use_cache = kwargs.get("use_cache")
         if not (getattr(self._config, "use_cache", True) if use_cache is None else use_cache):
@@ -131,6 +131,13 @@ class KVQuantization:
             return None
         kwargs["past_key_values"] = self.new_cache(kwargs.get("attention_mask"))
         return args, kwargs
+
+
+def _llm_compressor_hooks_disabled() -> bool:
+    """llm-compressor's global hook switch, read only where llm-compressor is loaded: a checkpoint that records a
+    KV-cache quantization loads (and decodes) without it, and where it is not loaded no hook was silenced."""
+    hooks = sys.modules.get("llmcompressor.modifiers.utils.hooks")
+    return hooks is not None and hooks.HooksMixin._HOOKS_DISABLED
 
 
 def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:

@@ -1,0 +1,198 @@
+"""Requests through a real vLLM engine, for the serving tests and benchmarks.
+
+vLLM and llm-compressor pin different compressed-tensors releases, so they live
+in two environments: the quantizing one builds checkpoints and the transformers
+references, the serving one (``scripts/serving_setup.sh``) runs vLLM. This
+module is both halves. :func:`run_engine` (any environment) starts
+``python -m intactkv_modifier.eval.vllm_runs`` in the serving interpreter with
+a JSON :class:`EngineRun` and returns its :class:`EngineAnswer`; the ``__main__``
+half (serving environment) builds the engine, runs every job and prints the
+answer. Prompts are token ids, so both sides see exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "EngineAnswer",
+    "EngineRun",
+    "FirstTokenJob",
+    "GreedyJob",
+    "PromptLogprobsJob",
+    "ThroughputJob",
+    "run_engine",
+]
+
+TokenIds = list[int]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FirstTokenJob(_Frozen):
+    """Top-``top`` log-probabilities of the first generated token; ``passes`` > 1 repeats the same requests
+    (the later passes are served from vLLM's prefix cache)."""
+
+    kind: Literal["first_token"] = "first_token"
+    prompts: list[TokenIds]
+    top: int = 5
+    passes: int = 1
+
+
+class PromptLogprobsJob(_Frozen):
+    """The log-probability vLLM gives each prompt token (``None`` where it gives none): how evaluation reads it."""
+
+    kind: Literal["prompt_logprobs"] = "prompt_logprobs"
+    prompts: list[TokenIds]
+
+
+class GreedyJob(_Frozen):
+    """Greedy continuations, ``max_tokens`` each."""
+
+    kind: Literal["greedy"] = "greedy"
+    prompts: list[TokenIds]
+    max_tokens: int = 16
+
+
+class ThroughputJob(_Frozen):
+    """Decode tokens per second: all prompts at once, ``new_tokens`` each (EOS ignored), ``repeats`` times."""
+
+    kind: Literal["throughput"] = "throughput"
+    prompts: list[TokenIds]
+    new_tokens: int = 128
+    repeats: int = 3
+
+
+Job = Annotated[FirstTokenJob | PromptLogprobsJob | GreedyJob | ThroughputJob, Field(discriminator="kind")]
+
+
+class EngineRun(_Frozen):
+    """One engine, its settings and the jobs it runs, in order."""
+
+    model: str
+    plugin: bool = True
+    dtype: str = "bfloat16"
+    max_model_len: int = 512
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    #: vLLM's default (None) or a named backend (``FLASH_ATTN``, ``TRITON_ATTN``, ``FLASHINFER``, ``FLEX_ATTENTION``).
+    attention_backend: str | None = None
+    #: CPU engines are always eager; on a GPU, False keeps vLLM's CUDA graphs.
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    #: Share of each GPU's memory vLLM takes (None: vLLM's default); unused on the CPU.
+    gpu_memory_utilization: float | None = None
+    jobs: list[Job] = []
+
+
+class EngineAnswer(_Frozen):
+    """Per job: first_token -> [pass][prompt] {token: logprob}; prompt_logprobs -> [prompt][position];
+    greedy -> [prompt] token ids; throughput -> [repeat] tokens per second."""
+
+    load_seconds: float
+    results: list[list]
+    log: str = ""
+
+
+def run_engine(python: str | os.PathLike[str], run: EngineRun, timeout: float = 900) -> EngineAnswer:
+    """Run ``run`` with the serving interpreter ``python``; fail with the engine's own log when it fails."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default (4) is more than small models need
+    # importing this package imports llm-compressor where it is installed, which touches CUDA: a forked engine
+    # process could not use it again
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if not run.plugin:
+        env["VLLM_PLUGINS"] = ""  # vLLM's allow-list: load no general plugin
+    with tempfile.TemporaryDirectory() as folder:
+        spec, answer = Path(folder) / "run.json", Path(folder) / "answer.json"
+        spec.write_text(run.model_dump_json())
+        result = subprocess.run(
+            [str(python), "-m", __name__, str(spec), str(answer)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout,
+        )
+        if result.returncode != 0 or not answer.is_file():
+            raise RuntimeError(f"the vLLM engine run failed (exit {result.returncode}):\n{result.stdout[-6000:]}")
+        parsed = EngineAnswer.model_validate_json(answer.read_text())
+    return parsed.model_copy(update={"log": result.stdout})
+
+
+def _serve(run: EngineRun) -> EngineAnswer:
+    """The serving half: needs vLLM."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    started = time.monotonic()
+    gpu = {} if run.gpu_memory_utilization is None else {"gpu_memory_utilization": run.gpu_memory_utilization}
+    llm = LLM(
+        model=run.model,
+        dtype=run.dtype,
+        max_model_len=run.max_model_len,
+        max_num_batched_tokens=run.max_num_batched_tokens,
+        max_num_seqs=run.max_num_seqs,
+        enable_prefix_caching=run.enable_prefix_caching,
+        kv_cache_dtype=run.kv_cache_dtype,
+        attention_backend=run.attention_backend,
+        enforce_eager=run.enforce_eager,
+        tensor_parallel_size=run.tensor_parallel_size,
+        seed=0,
+        skip_tokenizer_init=True,
+        **gpu,
+    )
+    load_seconds = time.monotonic() - started
+
+    def generate(prompts: list[TokenIds], params: SamplingParams) -> list:
+        return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+    results: list[list] = []
+    for job in run.jobs:
+        if isinstance(job, FirstTokenJob):
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=job.top, detokenize=False)
+            results.append([_first_token_logprobs(generate(job.prompts, params)) for _ in range(job.passes)])
+        elif isinstance(job, PromptLogprobsJob):
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+            outputs = generate(job.prompts, params)
+            results.append([_prompt_token_logprobs(p, out.prompt_logprobs) for p, out in zip(job.prompts, outputs)])
+        elif isinstance(job, GreedyJob):
+            params = SamplingParams(max_tokens=job.max_tokens, temperature=0.0, detokenize=False)
+            results.append([list(out.outputs[0].token_ids) for out in generate(job.prompts, params)])
+        else:
+            params = SamplingParams(max_tokens=job.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+            results.append([_tokens_per_second(lambda: generate(job.prompts, params)) for _ in range(job.repeats)])
+    return EngineAnswer(load_seconds=load_seconds, results=results)
+
+
+def _first_token_logprobs(outputs: list) -> list[dict[str, float]]:
+    return [{str(token): entry.logprob for token, entry in out.outputs[0].logprobs[0].items()} for out in outputs]
+
+
+def _prompt_token_logprobs(prompt: TokenIds, entries: list) -> list[float | None]:
+    return [None if e is None or token not in e else e[token].logprob for token, e in zip(prompt, entries)]
+
+
+def _tokens_per_second(generate: Callable[[], list]) -> float:
+    started = time.perf_counter()
+    outputs = generate()
+    return sum(len(out.outputs[0].token_ids) for out in outputs) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    spec, answer = map(Path, sys.argv[1:3])
+    run = EngineRun.model_validate_json(spec.read_text())
+    answer.write_text(_serve(run).model_dump_json())
+
+
+if __name__ == "__main__":
+    main()
