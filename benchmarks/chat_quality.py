@@ -124,6 +124,16 @@ def run_recipe(args: argparse.Namespace, name: str, context: dict) -> dict:
     return row
 
 
+def measured_or_failed(args: argparse.Namespace, name: str, context: dict) -> dict:
+    """The recipe's row, or its error: one recipe that does not run here (llm-compressor 0.14's AWQ pins memory,
+    which needs CUDA) is reported as not run, with the reason, and the table goes on with the others."""
+    try:
+        return run_recipe(args, name, context)
+    except Exception as error:  # noqa: BLE001 - any failure of one recipe is that row's result
+        logger.error(f"chat quality: {name} failed: {type(error).__name__}: {error}")
+        return {"recipe": name, "error": f"{type(error).__name__}: {error}"}
+
+
 def model_label(folder: str) -> str:
     """The prepared model's name (``intactkv prepare`` records it) and the folder, else the folder."""
     provenance = Path(folder) / "intactkv_prepared.json"
@@ -155,6 +165,9 @@ def markdown(result: dict) -> str:
         ("top1_agreement", "Top-1 agreement with the FP model along its greedy answers", 4),
     ):
         lines += _metric_table(result, metric, title, digits, fp.get(metric))
+    failed = [row for row in result["rows"] if "error" in row]
+    if failed:
+        lines += ["**Not run here**", "", *(f"- {row['recipe']}: `{row['error']}`" for row in failed), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +180,7 @@ def _metric_table(result: dict, metric: str, title: str, digits: int, fp: float 
         + (" gap closed (first token / system prompt / +Cal) |" if gap_metric else ""),
         "|---|---|---|---|---|" + ("---|" if gap_metric else ""),
     ]
-    for row in result["rows"]:
+    for row in (row for row in result["rows"] if "error" not in row):
         values = [row.get(column, {}).get(metric) for column in COLUMNS]
         cells = " | ".join("n/a" if v is None else f"{v:.{digits}f}" for v in values)
         if gap_metric:
@@ -247,7 +260,7 @@ def main() -> None:
     }
     for name in names:
         logger.info(f"chat quality: {name}")
-        result["rows"].append(run_recipe(args, name, context))
+        result["rows"].append(measured_or_failed(args, name, context))
         result["rows"].sort(key=lambda row: list(RECIPES).index(row["recipe"]))
         args.out.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import CHAT_SYSTEM_TURN, CHAT_TEMPLATE, IM_END, IM_START, build_tokenizer, load, load_tokenizer
+from tolerances import relative_error, two_forwards, within
 
-from intactkv_modifier import IntactKVModifier
+from intactkv_modifier import IntactKVModifier, capture_prefix_kv
 from intactkv_modifier.chat_template import ChatTemplatePrefix, chat_system_part
 from intactkv_modifier.eval.perplexity import token_windows
 from intactkv_modifier.prefix import measured_prefix, resolve_prefix_token_ids
@@ -122,3 +123,18 @@ def test_oneshot_on_a_model_without_bos_stores_the_system_turn(tiny_chat_model_d
         with intact_kv_disabled(model):
             off = model(input_ids=ids).logits
     assert not torch.allclose(on[0, len(SYSTEM_TURN_IDS):], off[0, len(SYSTEM_TURN_IDS):])
+
+
+def test_the_first_token_cut_from_the_system_turn_is_that_token_captured_alone(tiny_chat_model_dir):
+    """The chat benchmark's one-token column cuts the captured system turn to its first position: with causal
+    attention that is the KV ``<|im_start|>`` has when captured alone, up to the order of sums."""
+    model = load(tiny_chat_model_dir)
+    whole = capture_prefix_kv(model, SYSTEM_TURN_IDS)
+    cut, alone = whole.truncated(1), capture_prefix_kv(model, SYSTEM_TURN_IDS[:1])
+    bound = two_forwards(model.config, len(SYSTEM_TURN_IDS))
+    for got, want in zip(cut.keys + cut.values, alone.keys + alone.values):
+        assert got.shape[1] == 1 and within(relative_error(got, want), bound)
+    assert not torch.equal(whole.keys[0][:, 1], whole.keys[0][:, 0])  # a second position that the cut drops
+    for length in (0, len(SYSTEM_TURN_IDS) + 1):
+        with pytest.raises(ValueError, match=f"cannot keep {length} of a {len(SYSTEM_TURN_IDS)}-token prefix"):
+            whole.truncated(length)
