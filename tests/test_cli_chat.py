@@ -197,3 +197,12 @@ def test_a_recipe_without_intactkv_is_refused_before_loading(tiny_chat_model_dir
     recipe.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier: {targets: [Linear], scheme: W4A16}\n")
     line = one_error_line(invoke("quantize", tiny_chat_model_dir, "--recipe", recipe, "--out", tmp_path / "o"))
     assert "has no IntactKVModifier" in line
+
+
+@needs_corpus
+def test_eval_chat_with_another_system_prompt_than_the_stored_one_is_refused(quantized):
+    """Conversations under another system prompt would not start with the stored prefix: IntactKV would not apply."""
+    out, _ = quantized
+    line = one_error_line(invoke("eval", out, "--data", "chat", "--system-prompt", "w7 w8", "--conversations", "2",
+                                 "--multi-turn", "0", "--questions", "0"))
+    assert f"not with the intact prefix {SYSTEM_TURN_IDS}" in line and "give the same system prompt" in line
