@@ -60,6 +60,7 @@ from intactkv_modifier.kv_quant import (
     remove_kv_quantization,
 )
 from intactkv_modifier.kv_quant.measure import attention_inputs, attention_output_error
+from intactkv_modifier.prefix import measured_prefix
 
 UNIFORM = [(8, 8), (4, 4), (4, 2), (2, 4), (3, 3)]
 
@@ -401,7 +402,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    args.prefix = [tokenizer.bos_token_id]
+    args.prefix = measured_prefix(tokenizer)[0]
     windows = split_windows(args, tokenizer, "eval", args.windows)
 
     fp_model = load_fp(args)

@@ -72,6 +72,7 @@ from transformers.cache_utils import Cache, QuantizedCache, StaticCache
 from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings
 from intactkv_modifier.kv_quant.attention import packed_implementation
 from intactkv_modifier.kv_quant.fast_decode import kernel_available
+from intactkv_modifier.prefix import measured_prefix
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
 
 def perplexity_rows(args: argparse.Namespace, kinds: list[CacheKind]) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    args.prefix = [tokenizer.bos_token_id]
+    args.prefix = measured_prefix(tokenizer)[0]
     windows = split_windows(args, tokenizer, "eval", args.windows)
     model = load_fp(args)
     model.set_attn_implementation(packed_implementation(model.config._attn_implementation))

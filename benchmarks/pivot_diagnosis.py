@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.diagnosis import diagnose_pivot_tokens, plot_diagnosis
 from intactkv_modifier.eval.perplexity import token_windows
+from intactkv_modifier.prefix import measured_prefix
 
 
 def main() -> None:
@@ -32,7 +33,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager", dtype=torch.float32).eval()
-    windows = token_windows(tokenizer, load_corpus_text("eval"), [tokenizer.bos_token_id], args.length, args.windows)
+    prefix = measured_prefix(tokenizer)[0]  # [BOS], or a chat model's system turn
+    windows = token_windows(tokenizer, load_corpus_text("eval"), prefix, args.length, args.windows)
     result = diagnose_pivot_tokens(model, windows, args.model, args.positions)
     report = {**result.to_json(), "data": "eval split of intactkv_modifier.eval.corpus"}
     (args.out / "pivot_diagnosis.json").write_text(json.dumps(report, indent=2) + "\n")

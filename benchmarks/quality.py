@@ -45,6 +45,8 @@ from intactkv_modifier.calibration import CalibrationSettings, calibrate_prefix_
 from intactkv_modifier.eval.continuation_choice import continuation_questions, write_lm_eval_task
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, saved_windows, token_windows
+from intactkv_modifier.eval.report import gap_closed
+from intactkv_modifier.prefix import measured_prefix
 
 
 def weight_only(bits: int, group_size: int = 128) -> dict[str, QuantizationScheme]:
@@ -52,12 +54,12 @@ def weight_only(bits: int, group_size: int = 128) -> dict[str, QuantizationSchem
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
-def gptq(bits: int) -> GPTQModifier:
-    return GPTQModifier(config_groups=weight_only(bits), ignore=["lm_head"])
+def gptq(bits: int, group_size: int = 128) -> GPTQModifier:
+    return GPTQModifier(config_groups=weight_only(bits, group_size), ignore=["lm_head"])
 
 
-def rtn(bits: int) -> QuantizationModifier:
-    return QuantizationModifier(config_groups=weight_only(bits), ignore=["lm_head"])
+def rtn(bits: int, group_size: int = 128) -> QuantizationModifier:
+    return QuantizationModifier(config_groups=weight_only(bits, group_size), ignore=["lm_head"])
 
 
 # fake-quantized activations pass no gradient back to the prefix K/V: these rows have no +Cal column
@@ -178,10 +180,6 @@ def reference_calibration(
     }
 
 
-def gap_closed(fp: float, quantized: float, improved: float) -> float | None:
-    return None if quantized <= fp else (quantized - improved) / (quantized - fp)
-
-
 def markdown(result: dict) -> str:
     fp = result["ppl_fp"]
     with_reference = any("ppl_intactkv_cal_reference" in row for row in result["rows"])
@@ -279,7 +277,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prefix = [tokenizer.bos_token_id]
+    prefix = measured_prefix(tokenizer)[0]  # [BOS], or a chat model's system turn
     if args.windows_file is not None:
         calib = saved_windows(args.windows_file, "calibration", args.calibration_windows)
         evaluation = saved_windows(args.windows_file, "eval", args.eval_windows)

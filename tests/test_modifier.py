@@ -17,6 +17,7 @@ from tolerances import beyond
 import intactkv_modifier.recipes
 from intactkv_modifier import IntactKVModifier, PrefixKV, capture_prefix_kv, intact_kv_disabled, prefix_kv_of
 from intactkv_modifier.calibration import CalibrationSettings
+from intactkv_modifier.chat_template import chat_system_part
 from intactkv_modifier.kv_readout import model_kv_for_prefix
 
 pytestmark = pytest.mark.numerics  # CI runs these under other CPU kernels and thread counts too
@@ -136,11 +137,15 @@ def test_shipped_yaml_recipes_name_the_modifier(recipe):
 
 
 @pytest.mark.parametrize("recipe", [_runnable_here(p) for p in sorted(RECIPES.glob("*.yaml"))])
-def test_shipped_yaml_recipes_run_and_store_full_precision_kv(tiny_model_dirs, recipe):
-    model = quantize(tiny_model_dirs["llama"], str(recipe))
+def test_shipped_yaml_recipes_run_and_store_full_precision_kv(tiny_model_dirs, tiny_chat_model_dir, recipe):
+    """A chat recipe's prefix is the chat template's system turn: it runs on the tiny chat model (no BOS)."""
+    chat = "prefix_chat_template" in recipe.read_text()
+    model_dir = tiny_chat_model_dir if chat else tiny_model_dirs["llama"]
+    model = quantize(model_dir, str(recipe))
     stored = prefix_kv_of(model)
+    prefix = chat_system_part(load_tokenizer(model_dir))[1] if chat else [BOS]
     with intact_kv_disabled(model):
-        quantized = model_kv_for_prefix(model, [BOS])
+        quantized = model_kv_for_prefix(model, prefix)
     assert beyond(max_difference(stored.values, quantized.values), 1e-3)  # quantized weights move the K/V
 
 

@@ -26,7 +26,7 @@ def test_prefix_text_is_tokenized_as_prompts_are():
 
 
 def test_tokenizer_without_bos_needs_an_explicit_prefix():
-    with pytest.raises(ValueError, match="Set `prefix_text`"):
+    with pytest.raises(ValueError, match="set `prefix_chat_template: true`.*otherwise `prefix_text`"):
         resolve(tokenizer=build_tokenizer(adds_bos=False))
 
 

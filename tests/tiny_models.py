@@ -27,8 +27,21 @@ from transformers import (
 
 WORDS = [f"w{i}" for i in range(120)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>"]  # after the words: ids 124 and 125
 PAD, BOS, EOS = 0, 1, 2
+IM_START, IM_END = 124, 125
 VOCAB_SIZE = 128
+
+# A ChatML-like template over the tiny vocabulary, with a default system prompt as SmolLM2's has; roles are
+# words of the vocabulary, and every piece is space-separated for the whitespace pre-tokenizer.
+CHAT_SYSTEM_TURN = "<|im_start|> w100 w110 w111 w112 <|im_end|> "
+CHAT_TEMPLATE = (
+    "{% set roles = {'system': 'w100', 'user': 'w101', 'assistant': 'w102'} %}"
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '" + CHAT_SYSTEM_TURN + "' }}{% endif %}"
+    "{{ '<|im_start|> ' + roles[message['role']] + ' ' + message['content'] + ' <|im_end|> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|> w102 ' }}{% endif %}"
+)
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # Gemma 3 as the real gemma-3-270m is built: one KV head, QK-norm, tied embeddings, and a
@@ -36,8 +49,9 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 GEMMA3_SLIDING_WINDOW = 16
 
 
-def build_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
-    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
+def build_tokenizer(adds_bos: bool, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer; with ``chat_template`` a chat model's, whose EOS ends a turn (``<|im_end|>``)."""
+    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS + CHAT_MARKERS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if adds_bos:
@@ -47,10 +61,11 @@ def build_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>" if adds_bos else None,
-        eos_token="</s>",
+        eos_token="<|im_end|>" if chat_template else "</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
+        chat_template=chat_template,
     )
 
 
@@ -95,10 +110,23 @@ def save_tiny_model(architecture: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def _give_first_token_a_sink(model: PreTrainedModel) -> None:
-    """Scale the BOS embedding up so the first token behaves like a real pivot token."""
+def save_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
+    """A chat model as SmolLM2 is one: a Llama without BOS, a chat template with a default system turn,
+    ``<|im_start|>`` first. (Llama, not Qwen2: AutoTokenizer keeps our vocabulary for it.)"""
+    torch.manual_seed(seed)
+    config = build_config("llama")
+    config.bos_token_id = None
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    _give_first_token_a_sink(model, IM_START)
+    model.save_pretrained(directory)
+    build_tokenizer(adds_bos=False, chat_template=CHAT_TEMPLATE).save_pretrained(directory)
+    return directory
+
+
+def _give_first_token_a_sink(model: PreTrainedModel, token: int = BOS) -> None:
+    """Scale the first token's embedding up so it behaves like a real pivot token."""
     with torch.no_grad():
-        model.get_input_embeddings().weight[BOS] *= 20
+        model.get_input_embeddings().weight[token] *= 20
 
 
 def load(directory: Path) -> PreTrainedModel:

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from intactkv_modifier.checkpoint import SIDE_FILE_PATH
 from intactkv_modifier.kv_readout import replaced_error
+from intactkv_modifier.recipes.fit import check_group_sizes
 from intactkv_modifier.storage import config_of, prefix_kv_of
 
 __all__ = ["QuantizedCheckpoint", "quantize_to_checkpoint", "weight_bytes"]
@@ -56,15 +57,18 @@ def quantize_to_checkpoint(
     out: Path,
     calibration: torch.Tensor,
     dtype: str | torch.dtype = "auto",
+    recipe_name: str | None = None,
 ) -> QuantizedCheckpoint:
     """Quantize ``model_source`` with ``recipe`` (which must hold an ``IntactKVModifier``) into ``out``.
 
-    ``calibration`` holds the token windows oneshot calibrates on, one per row.
+    ``calibration`` holds the token windows oneshot calibrates on, one per row. A group size that does
+    not fit the model's layers fails before oneshot starts, in one line (``recipe_name`` names the recipe).
     """
     if "IntactKVModifier" not in recipe.read_text():
         raise ValueError(f"recipe {recipe} has no IntactKVModifier; add `IntactKVModifier: {{}}` to its modifiers")
     tokenizer = AutoTokenizer.from_pretrained(model_source)
     model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype).eval()
+    check_group_sizes(model, recipe, recipe_name)
     dataset = Dataset.from_dict(
         {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
     )

@@ -23,8 +23,8 @@ from compressed_tensors.quantization import QuantizationStatus
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from loguru import logger
-from pydantic import Field, PrivateAttr
-from transformers import PreTrainedModel
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from intactkv_modifier.architecture import attention_modules, kv_geometry
 from intactkv_modifier.calibration import (
@@ -34,6 +34,7 @@ from intactkv_modifier.calibration import (
     record_targets,
 )
 from intactkv_modifier.capture import capture_prefix_kv, full_precision_forward
+from intactkv_modifier.chat_template import ChatTemplatePrefix
 from intactkv_modifier.kv_quant.allocation import NormKind, allocate_bits
 from intactkv_modifier.kv_quant.settings import KVQuantSettings
 from intactkv_modifier.kv_readout import replaced_error
@@ -52,10 +53,20 @@ class IntactKVModifier(Modifier):
     Place it anywhere in a recipe with a weight quantizer (after GPTQ/AWQ/rotations
     reads naturally). After ``oneshot`` the model carries the prefix KV, uses it in
     ``forward``/``generate``, and ``save_pretrained`` writes it into the checkpoint.
+    For a chat model, keep its whole system turn (the paper's main setting)::
+
+        IntactKVModifier:
+          prefix_chat_template: true      # or "You are ..." for your own system prompt
+          calibration: {epochs: 5, batch_size: 4, lr: 1.0e-3}   # optional: IntactKV+Cal
 
     :param prefix_token_ids: explicit prefix token ids (e.g. ``[1]``)
-    :param prefix_text: fixed text every prompt starts with, e.g. a chat template's
-        system prompt; tokenized with the model's tokenizer, special tokens included
+    :param prefix_text: fixed text every prompt starts with; tokenized with the
+        model's tokenizer, special tokens included
+    :param prefix_chat_template: the prefix is the system part of the tokenizer's chat
+        template, rendered before the first user turn: ``true`` for the template's
+        default system prompt, a string (or ``{system_prompt: ...}``) for your own; see
+        :class:`~intactkv_modifier.chat_template.ChatTemplatePrefix`. The way to say it for
+        a chat model (tokenizers without BOS included)
     :param tokenizer: path or hub id of the tokenizer; defaults to the model's own
         folder. Needed unless ``prefix_token_ids`` is given.
     :param calibration: when set, fit the stored K/V to the FP model's outputs on
@@ -76,6 +87,7 @@ class IntactKVModifier(Modifier):
 
     prefix_token_ids: list[int] | None = Field(default=None, min_length=1)
     prefix_text: str | None = Field(default=None, min_length=1)
+    prefix_chat_template: ChatTemplatePrefix | None = None
     tokenizer: str | None = None
     calibration: CalibrationSettings | None = None
     kv_cache: KVQuantSettings | None = None
@@ -88,6 +100,35 @@ class IntactKVModifier(Modifier):
     _targets: CalibrationTargets | None = PrivateAttr(default=None)
     _calibration_seconds: float | None = PrivateAttr(default=None)
     _kv_cache: KVQuantSettings | None = PrivateAttr(default=None)
+
+    @field_validator("prefix_chat_template", mode="before")
+    @classmethod
+    def _chat_template_shorthand(cls, value: Any) -> Any:
+        """``true`` -> the template's default system prompt; a string -> that system prompt; ``false`` -> off."""
+        if value is True:
+            return ChatTemplatePrefix()
+        if value is False:
+            return None
+        return ChatTemplatePrefix(system_prompt=value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_prefix_setting(self) -> IntactKVModifier:
+        given = [name for name in ("prefix_token_ids", "prefix_text", "prefix_chat_template")
+                 if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"IntactKVModifier takes one of {given}, not both: they name the prefix twice")
+        return self
+
+    def prefix_for(self, tokenizer: PreTrainedTokenizerBase | None, max_positions: int | None = None) -> list[int]:
+        """The prefix ids this modifier stores with ``tokenizer``: what calibration and evaluation prompts of
+        its checkpoint must start with."""
+        return resolve_prefix_token_ids(
+            prefix_token_ids=self.prefix_token_ids,
+            prefix_text=self.prefix_text,
+            chat_template=self.prefix_chat_template,
+            tokenizer=tokenizer,
+            max_positions=max_positions,
+        )
 
     @property
     def resolved_prefix_token_ids(self) -> list[int]:
@@ -112,12 +153,7 @@ class IntactKVModifier(Modifier):
         model = state.model
         attentions = attention_modules(model)
         tokenizer = None if self.prefix_token_ids is not None else tokenizer_for(model, self.tokenizer)
-        self._prefix_ids = resolve_prefix_token_ids(
-            prefix_token_ids=self.prefix_token_ids,
-            prefix_text=self.prefix_text,
-            tokenizer=tokenizer,
-            max_positions=kv_geometry(model.config).max_position_embeddings,
-        )
+        self._prefix_ids = self.prefix_for(tokenizer, kv_geometry(model.config).max_position_embeddings)
         self._captured = None
         self._targets = None
         self._kv_cache = self.kv_cache

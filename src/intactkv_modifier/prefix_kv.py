@@ -23,3 +23,12 @@ class PrefixKV:
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values):
             raise ValueError(f"{len(self.keys)} key tensors but {len(self.values)} value tensors")
+
+    def truncated(self, length: int) -> PrefixKV:
+        """The KV of the prefix's first ``length`` tokens: with causal attention exactly what capturing that
+        shorter prefix alone gives (no position attends to later ones), so one capture serves both."""
+        if not 0 < length <= self.keys[0].shape[1]:
+            raise ValueError(f"cannot keep {length} of a {self.keys[0].shape[1]}-token prefix")
+        return PrefixKV(
+            keys=[k[:, :length].clone() for k in self.keys], values=[v[:, :length].clone() for v in self.values]
+        )

@@ -10,11 +10,11 @@ from rich.table import Table
 
 if TYPE_CHECKING:  # the views draw results; computing them imports torch and llm-compressor
     from intactkv_modifier.eval.diagnosis import PivotDiagnosis
-    from intactkv_modifier.eval.report import CheckpointQuality
+    from intactkv_modifier.eval.report import ChatCheckpointQuality, CheckpointQuality
     from intactkv_modifier.export import QuantizedCheckpoint
     from intactkv_modifier.inspection import CheckpointInspection
 
-__all__ = ["diagnosis_view", "inspection_view", "quality_view", "quantized_view"]
+__all__ = ["chat_quality_view", "diagnosis_view", "inspection_view", "quality_view", "quantized_view"]
 
 _POSITIONS_SHOWN = 4
 _MARK = {"ok": "[green]✓[/]", "warning": "[yellow]![/]", "error": "[red]✗[/]"}
@@ -46,12 +46,13 @@ def _diagnosis_verdict(diagnosis: PivotDiagnosis, prefix_text: str, prefix_ids: 
         signals.append(f"attention sink in layer(s) {', '.join(map(str, diagnosis.sink_layers))}")
     signals.append(f"token 0's activation peak is {diagnosis.outlier_ratio:.1f}× the other positions' median")
     if not prefix_ids:
-        keep = ("this tokenizer adds no BOS, so set `prefix_text` to the system prompt every prompt starts with "
-                "(`intactkv diagnose --prefix-text ...` measures it)")
+        keep = ("this tokenizer adds no BOS and has no chat template with a system turn, so set `prefix_text` to the "
+                "text every prompt starts with (`intactkv diagnose --prefix-text ...` measures it)")
     elif len(prefix_ids) == 1:
         keep = f"keep {prefix_text!r} (id {prefix_ids[0]}) intact: `IntactKVModifier: {{}}` in the shipped recipes"
     else:
-        keep = f"keep the {len(prefix_ids)}-token prefix intact: `IntactKVModifier: {{prefix_text: ...}}`"
+        keep = (f"keep the whole {len(prefix_ids)}-token prefix intact: `IntactKVModifier: {{prefix_chat_template: "
+                "true}` for a chat template's system turn (shipped: gptq-w3a16-g64-chat), else `{prefix_text: ...}`")
     if diagnosis.has_pivot_tokens:
         return f"[bold]Pivot tokens: yes[/] ({'; '.join(signals)}). {escape(keep[0].upper() + keep[1:])}."
     return (f"[bold]Pivot tokens: no clear sign[/] ({'; '.join(signals)}); IntactKV is unlikely to help much on "
@@ -88,6 +89,39 @@ def quality_view(quality: CheckpointQuality, source: str) -> list[object]:
     elif quality.fp is None:
         lines.append("Give --reference MODEL (the full-precision model) for the FP row and the gap closed.")
     return lines
+
+
+def chat_quality_view(quality: ChatCheckpointQuality) -> list[object]:
+    sizes = quality.eval_set
+    table = Table(
+        title=f"Chat evaluation, held-out conversations after the {quality.prefix_length}-token intact prefix: "
+        f"{sizes['single_turn_samples']} single-turn ({sizes['single_turn_scored_tokens']} answer tokens), "
+        f"{sizes['multi_turn_samples']} multi-turn ({sizes['multi_turn_scored_tokens']}), "
+        f"{sizes['greedy_samples']} FP greedy answers ({sizes['greedy_scored_tokens']} positions)",
+        title_justify="left",
+    )
+    for column in ("model", "ppl", "multi-turn ppl", "KL", "top-1"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = [("FP (reference)", quality.fp)] if quality.fp is not None else []
+    rows += [("quantized (IntactKV off)", quality.quantized), ("quantized + IntactKV", quality.intactkv)]
+    for name, scores in rows:
+        is_fp = scores is quality.fp
+        agreement = ("", "") if is_fp else (_optional(scores.kl_to_fp, 4), _optional(scores.top1_agreement, 4))
+        table.add_row(name, f"{scores.single_turn_ppl:.3f}", _optional(scores.multi_turn_ppl, 3), *agreement)
+    lines: list[object] = [
+        table,
+        "ppl: perplexity of the assistant's answer tokens and its end-of-turn token only; KL: KL(FP ‖ model) per "
+        "position, top-1: agreement with the FP model's most likely token, along the FP model's greedy answers.",
+    ]
+    if quality.gap_closed is not None:
+        lines.append(f"IntactKV closes {quality.gap_closed:.1%} of the FP→quantized assistant-perplexity gap.")
+    elif quality.fp is None:
+        lines.append("Give --reference MODEL (the full-precision model) for the FP row, the KL and the gap closed.")
+    return lines
+
+
+def _optional(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def inspection_view(report: CheckpointInspection, full: bool) -> list[object]:

@@ -22,7 +22,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["CORPUS_PATH", "PYTHON_DOCS", "Split", "load_corpus_text"]
+__all__ = [
+    "CORPUS_PATH", "PYTHON_DOCS", "Split", "clean_rst_roles", "corpus_documents", "load_corpus_text",
+    "require_corpus", "split_of",
+]
 
 CORPUS_PATH = Path("/usr/share/dictd/gcide.dict.dz")
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -46,13 +49,29 @@ _RST_ROLES = re.compile(r":[a-z:]+:`([^`<]*?)(?:\s*<[^>]*>)?`")
 
 def load_corpus_text(split: Split) -> str:
     """All entries of one split as plain text, one entry per paragraph, in dictionary order."""
+    return "\n\n".join(text for _, text in corpus_documents(split))
+
+
+def corpus_documents(split: Split) -> list[tuple[str, str]]:
+    """``(name, text)`` of every document of one split: ``gcide:<headword>`` entries, then ``pydoc:<page>`` pages."""
     if split not in _BUCKETS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(_BUCKETS)}")
-    return "\n\n".join(_entries_by_split()[split])
+    return _entries_by_split()[split]
 
 
-@lru_cache(maxsize=1)
-def _entries_by_split() -> dict[Split, list[str]]:
+def split_of(name: str) -> Split:
+    """The split a document belongs to, by a hash of its name: anything derived from it stays in that split."""
+    bucket = int(hashlib.sha1(name.lower().encode()).hexdigest(), 16) % 1000
+    return next(split for split, span in _BUCKETS.items() if bucket in span)
+
+
+def clean_rst_roles(line: str) -> str:
+    """``:func:`len``` -> ``len``: the reStructuredText roles the documentation text is full of, as plain names."""
+    return _RST_ROLES.sub(r"\1", line)
+
+
+def require_corpus() -> None:
+    """Raise with the install command when either Debian package is missing."""
     missing = [f"{path} (apt-get install {package})" for path, package in
                ((CORPUS_PATH, "dict-gcide"), (PYTHON_DOCS, "python3.11-doc")) if not path.exists()]
     if missing:
@@ -60,12 +79,15 @@ def _entries_by_split() -> dict[Split, list[str]]:
             "The real-English corpus is not installed: " + "; ".join(missing) + ". Both are Debian packages; "
             "`bash scripts/main.sh` installs them."
         )
-    splits: dict[Split, list[str]] = {name: [] for name in _BUCKETS}
+
+
+@lru_cache(maxsize=1)
+def _entries_by_split() -> dict[Split, list[tuple[str, str]]]:
+    require_corpus()
+    splits: dict[Split, list[tuple[str, str]]] = {name: [] for name in _BUCKETS}
     for name, text in [*_dictionary_entries(), *_documentation_pages()]:
-        if len(text) < 40:
-            continue
-        bucket = int(hashlib.sha1(name.lower().encode()).hexdigest(), 16) % 1000
-        splits[next(split for split, span in _BUCKETS.items() if bucket in span)].append(text)
+        if len(text) >= 40:
+            splits[split_of(name)].append((name, text))
     return splits
 
 
@@ -78,7 +100,7 @@ def _dictionary_entries() -> list[tuple[str, str]]:
 def _documentation_pages() -> list[tuple[str, str]]:
     pages = []
     for path in sorted(PYTHON_DOCS.rglob("*.rst.txt")):
-        lines = [_RST_ROLES.sub(r"\1", line) for line in path.read_text(errors="replace").splitlines()]
+        lines = [clean_rst_roles(line) for line in path.read_text(errors="replace").splitlines()]
         kept = "\n".join(line for line in lines if not _RST_MARKUP.match(line))
         paragraphs = [" ".join(p.split()) for p in _BLANK_LINES.split(kept)]
         pages.append((f"pydoc:{path.relative_to(PYTHON_DOCS)}", "\n".join(p for p in paragraphs if p)))

@@ -8,6 +8,7 @@ prefix because that is how every real prompt starts, and how IntactKV applies.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from intactkv_modifier.architecture import text_config
 from intactkv_modifier.devices import execution_device
 
-__all__ = ["perplexity", "saved_windows", "token_windows"]
+__all__ = ["perplexity", "saved_windows", "target_logits", "token_windows"]
 
 
 def token_windows(
@@ -32,8 +33,9 @@ def token_windows(
     available = len(ids) // body
     if available < count:
         raise ValueError(f"the text has {len(ids)} tokens: {available} windows of {length}, not {count}")
-    prefix = torch.tensor(prefix_token_ids).expand(count, -1)
-    bodies = torch.tensor(ids[: count * body]).view(count, body)
+    # explicit dtype: an empty prefix (a tokenizer without BOS, no prefix asked for) would be float otherwise
+    prefix = torch.tensor(prefix_token_ids, dtype=torch.long).expand(count, -1)
+    bodies = torch.tensor(ids[: count * body], dtype=torch.long).view(count, body)
     return torch.cat([prefix, bodies], dim=1)
 
 
@@ -56,30 +58,49 @@ def perplexity(
     ``first_target=1`` counts every predicted token; a window that starts with a
     P-token system prompt counts only what follows it with ``first_target=P``,
     since a chat never asks the model to predict its own fixed system prompt.
-
-    The output head is applied ``chunk_tokens`` positions at a time: a 262k-token vocabulary (Gemma 3)
-    would otherwise need float32 logits of ``batch x length x vocab`` (4 GiB for 8 x 512), so memory
-    stays flat whatever the vocabulary.
     """
     if not 1 <= first_target < windows.shape[1]:
         raise ValueError(f"first_target {first_target} leaves no token to predict in windows of {windows.shape[1]}")
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+        batch = windows[start : start + batch_size]
+        targets = torch.zeros_like(batch, dtype=torch.bool)
+        targets[:, first_target:] = True
+        for logits, labels in target_logits(model, batch, targets=targets, chunk_tokens=chunk_tokens):
+            total_nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            total_tokens += labels.numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def target_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None, chunk_tokens: int = 1024,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """float32 logits ``[n, vocab]`` of the positions that predict the target tokens, and those tokens ``[n]``,
+    in chunks of at most ``chunk_tokens`` positions, row by row in order.
+
+    ``targets`` ``[batch, length]`` marks the tokens to score (a token is predicted at the position before
+    it); by default every token after the first of each row, padding (``attention_mask`` 0) excluded. The
+    output head is applied a chunk at a time: a 262k-token vocabulary (Gemma 3) would otherwise need float32
+    logits of ``batch x length x vocab`` (4 GiB for 8 x 512), so memory stays flat whatever the vocabulary.
+    """
     head = model.get_output_embeddings()
     softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
     device = execution_device(model.get_input_embeddings())
-    total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        # through the model's own forward (a compressed checkpoint decompresses there on first use), which
-        # computes one position's logits; the final hidden states come back as the last hidden state
-        output = model(input_ids=batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = output.hidden_states[-1][:, first_target - 1 : -1].flatten(0, 1)
-        labels = batch[:, first_target:].flatten()
-        for chunk in range(0, labels.numel(), chunk_tokens):
-            logits = head(hidden[chunk : chunk + chunk_tokens]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            total_nll += float(
-                torch.nn.functional.cross_entropy(logits, labels[chunk : chunk + chunk_tokens], reduction="sum")
-            )
-        total_tokens += labels.numel()
-    return math.exp(total_nll / total_tokens)
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    scored = mask.clone() if targets is None else targets.bool() & mask
+    scored[:, 0] = False  # nothing predicts the first token
+    # through the model's own forward (a compressed checkpoint decompresses there on first use), which
+    # computes one position's logits; the final hidden states come back as the last hidden state
+    output = model(
+        input_ids=input_ids.to(device), attention_mask=None if attention_mask is None else attention_mask.to(device),
+        use_cache=False, output_hidden_states=True, logits_to_keep=1,
+    )
+    predicting = scored[:, 1:].to(device)
+    hidden = output.hidden_states[-1][:, :-1][predicting]
+    labels = input_ids[:, 1:].to(device)[predicting]
+    for chunk in range(0, labels.numel(), chunk_tokens):
+        logits = head(hidden[chunk : chunk + chunk_tokens]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        yield logits, labels[chunk : chunk + chunk_tokens]
