@@ -36,12 +36,20 @@ def _import_llmcompressor_quietly() -> bool:
     A module-level constant of llm-compressor asks for the main device while it
     is imported; that warning says nothing to someone who imports this package.
     Its console level is raised for the import only, then its default logging
-    (or the user's ``LLM_COMPRESSOR_LOG_*`` settings) is configured again.
+    (or the user's ``LLM_COMPRESSOR_LOG_*`` settings) is configured again. The
+    same import loads transformers' quantizers, which import torchao wherever it
+    is installed: a CPU build logs the CUDA kernels it lacks and torch's pytree
+    warns about its Enum registrations, so those two loggers are raised for the
+    import too.
     """
     if "llmcompressor" in sys.modules:  # imported already (its logging is set up), or blocked (None)
         return sys.modules["llmcompressor"] is not None
     saved = os.environ.get("LLM_COMPRESSOR_LOG_LEVEL")
     os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = "ERROR"
+    import_time_loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    saved_levels = [each.level for each in import_time_loggers]
+    for each in import_time_loggers:
+        each.setLevel(logging.ERROR)
     try:
         import llmcompressor
     except ImportError:
@@ -51,6 +59,8 @@ def _import_llmcompressor_quietly() -> bool:
             del os.environ["LLM_COMPRESSOR_LOG_LEVEL"]
         else:
             os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = saved
+        for each, level in zip(import_time_loggers, saved_levels):
+            each.setLevel(level)
     llmcompressor.configure_logger(llmcompressor.LoggerConfig())
     return True
 
