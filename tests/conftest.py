@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, save_tiny_chat_model, save_tiny_model
+from tiny_models import ARCHITECTURES, save_tiny_chat_model, save_tiny_model, text_samples
 
 # The thread count changes how torch splits its reductions (so their summation order): CI runs the numerically
 # sensitive tests with 1 and 2 threads (scripts/test_numerics.sh), 2 is what the plain test command uses.
@@ -30,3 +30,11 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """No BOS, a chat template with a default system turn (see ``tiny_models.CHAT_TEMPLATE``)."""
     return save_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "chat")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain-text file for the command line's --dataset / text windows."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("\n".join(text_samples(16, 40)))
+    return path

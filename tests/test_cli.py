@@ -13,7 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
-from tiny_models import load, text_samples
+from tiny_models import load
 from tolerances import two_perplexities, within
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
@@ -33,13 +33,6 @@ SEQ_LEN = 32  # the tiny models' context is 64 positions
 
 def invoke(*args: str | Path) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n".join(text_samples(16, 40)))
-    return path
 
 
 @pytest.fixture(scope="module")

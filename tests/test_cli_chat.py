@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import CHAT_TEMPLATE, IM_END, IM_START, build_config, build_tokenizer, text_samples
+from tiny_models import CHAT_TEMPLATE, IM_END, IM_START, build_config, build_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -33,13 +33,6 @@ def one_error_line(result) -> str:
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "Traceback" not in result.output
     return errors[0]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n".join(text_samples(16, 40)))
-    return path
 
 
 @pytest.fixture(scope="module")
