@@ -158,8 +158,11 @@ def test_a_program_that_never_imports_the_package_gets_the_intactkv_logits(intac
 
 
 _OTHER_MODELS = r"""
-import json, sys
+import json, logging, sys
 sys.modules["llmcompressor"] = None  # as in a vLLM environment: llm-compressor is not installed
+# transformers imports torchao where it is installed (the `torchao` extra), which logs at import: not ours
+for library_logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(library_logger).setLevel(logging.ERROR)
 import torch, transformers.modeling_utils as modeling
 from transformers import AutoModelForCausalLM
 
