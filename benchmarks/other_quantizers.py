@@ -37,6 +37,7 @@ from intactkv_modifier import attach_intact_kv, intact_kv_disabled
 from intactkv_modifier.calibration import CalibrationSettings
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, token_windows
+from intactkv_modifier.eval.report import gap_closed
 from intactkv_modifier.integrations import IntactKVSettings, IntactPrefix, load_quantized
 from intactkv_modifier.kv_readout import replaced_error
 from intactkv_modifier.prefix_kv import PrefixKV
@@ -196,10 +197,10 @@ def measure(name: str, run: Run, evaluation: torch.Tensor, args: argparse.Namesp
     return row
 
 
-def gap_closed(fp: float, quantized: float, improved: float | None) -> str:
-    if improved is None or quantized <= fp:
-        return "n/a"
-    return f"{(quantized - improved) / (quantized - fp):.1%}"
+def closed_share(fp: float, quantized: float, improved: float | None) -> str:
+    """:func:`~intactkv_modifier.eval.report.gap_closed` as the table prints it."""
+    share = None if improved is None else gap_closed(fp, quantized, improved)
+    return "n/a" if share is None else f"{share:.1%}"
 
 
 def markdown(result: dict) -> str:
@@ -220,7 +221,7 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         with_cal = row.get("ppl_intactkv_cal")
         quantized = row["ppl_quantized"]
-        closed = f"{gap_closed(fp, quantized, row['ppl_intactkv'])} / {gap_closed(fp, quantized, with_cal)}"
+        closed = f"{closed_share(fp, quantized, row['ppl_intactkv'])} / {closed_share(fp, quantized, with_cal)}"
         lines.append(
             f"| {row['label']} | {row['ppl_quantized']:.3f} | {row['ppl_intactkv']:.3f} | "
             f"{'' if with_cal is None else f'{with_cal:.3f}'} | {closed} | {row['quantize_seconds']} | "
