@@ -39,7 +39,7 @@ from tiny_models import BOS, load, run_python
 
 from intactkv_modifier import attach_intact_kv, capture_prefix_kv, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
-from intactkv_modifier.eval.vllm_runs import EngineRun, FirstTokenJob, PromptLogprobsJob, run_engine
+from intactkv_modifier.eval.vllm_runs import EngineAnswer, EngineRun, FirstTokenJob, PromptLogprobsJob, run_engine
 from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV
 
 pytestmark = pytest.mark.serving
@@ -171,12 +171,19 @@ def test_references_tell_the_stored_prefix_apart(tiny):
         assert distance > 0.2 if tiny.starts_with_prefix(index) else distance == 0.0
 
 
-def test_vllm_serves_the_stored_prefix_and_leaves_other_prompts_alone(tiny):
+def assert_served_on_and_off(served: Served) -> EngineAnswer:
+    """One engine with the plugin and one without: each follows its reference, other prompts bit-identical.
+    Returns the plugin's answer."""
     python = serving_python()
-    on, off = (run_engine(python, engine(tiny, plugin=plugin)) for plugin in (True, False))
-    assert_follows(tiny, on, intact=True)
-    assert_follows(tiny, off, intact=False)
-    assert_untouched(tiny, on, off)
+    on, off = (run_engine(python, engine(served, plugin=plugin)) for plugin in (True, False))
+    assert_follows(served, on, intact=True)
+    assert_follows(served, off, intact=False)
+    assert_untouched(served, on, off)
+    return on
+
+
+def test_vllm_serves_the_stored_prefix_and_leaves_other_prompts_alone(tiny):
+    on = assert_served_on_and_off(tiny)
     lines = [line for line in on.log.splitlines() if "IntactKV:" in line]
     assert any("read back exactly" in line for line in lines), on.log[-3000:]
     vllm_format = re.compile(r"(INFO|WARNING|DEBUG|ERROR) \d\d-\d\d \d\d:\d\d:\d\d \[[\w.]+\.py:\d+\] IntactKV: ")
@@ -185,11 +192,7 @@ def test_vllm_serves_the_stored_prefix_and_leaves_other_prompts_alone(tiny):
 
 
 def test_gemma3_sliding_window_and_one_kv_head_are_served_as_transformers_computes_them(tiny_gemma3):
-    python = serving_python()
-    on, off = (run_engine(python, engine(tiny_gemma3, plugin=plugin)) for plugin in (True, False))
-    assert_follows(tiny_gemma3, on, intact=True)
-    assert_follows(tiny_gemma3, off, intact=False)
-    assert_untouched(tiny_gemma3, on, off)
+    assert_served_on_and_off(tiny_gemma3)
 
 
 def test_chunked_prefill_splitting_the_prefix_keeps_it_intact(tiny):
