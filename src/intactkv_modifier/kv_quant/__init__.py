@@ -8,6 +8,8 @@ hurts most) in full precision.
 
 * :class:`KVQuantSettings`: bits, grouping, residual window, per-layer overrides (JSON)
 * :class:`KeyFavoredQuantizedCache`: the transformers ``Cache``, with packed storage
+* :class:`StaticKeyFavoredQuantizedCache`: the same in preallocated buffers, for ``torch.compile`` / CUDA graphs,
+  with :func:`static_implementation`, its fused decode attention
 * :func:`install_kv_quantization`: make a model's forward and ``generate()`` use it
 * :func:`allocate_bits`: per-layer bits from the K/V projection norms under a budget
 """
@@ -28,6 +30,8 @@ from intactkv_modifier.kv_quant.quantizer import (
     quantized_bytes_per_token,
 )
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, LayerBits, TensorQuantSettings
+from intactkv_modifier.kv_quant.static_attention import static_implementation
+from intactkv_modifier.kv_quant.static_cache import StaticKeyFavoredQuantizedCache
 
 __all__ = [
     "BitAllocation",
@@ -37,6 +41,7 @@ __all__ = [
     "KeyFavoredQuantizedLayer",
     "LayerBits",
     "QuantizedTensor",
+    "StaticKeyFavoredQuantizedCache",
     "TensorQuantSettings",
     "allocate_bits",
     "choose_bits",
@@ -47,4 +52,5 @@ __all__ = [
     "quantize",
     "quantized_bytes_per_token",
     "remove_kv_quantization",
+    "static_implementation",
 ]

@@ -41,14 +41,19 @@ __all__ = [
     "PackedPast",
     "PackedRows",
     "attach_packed_past",
+    "base_attention",
     "base_implementation",
     "packed_attention",
     "packed_implementation",
+    "register_over_base",
     "supports_packed_attention",
     "uses_packed_attention",
 ]
 
 _PREFIX = "intactkv_packed_"
+#: the static cache's decode attention (:mod:`~intactkv_modifier.kv_quant.static_attention`)
+STATIC_PREFIX = "intactkv_static_"
+_PREFIXES = (_PREFIX, STATIC_PREFIX)
 _BASES = ("eager", "sdpa")
 _ATTRIBUTE = "_intactkv_packed_past"
 
@@ -83,12 +88,17 @@ def supports_packed_attention(implementation: str | None) -> bool:
 
 def packed_implementation(base: str) -> str:
     """The registered packed attention name over ``base`` (``eager`` or ``sdpa``), registering it on first use."""
+    return register_over_base(_PREFIX, base, packed_attention)
+
+
+def register_over_base(prefix: str, base: str, function: Callable[..., tuple[torch.Tensor, Any]]) -> str:
+    """Register ``function`` as attention ``<prefix><base>`` (``base``: eager or sdpa) on first use; its name."""
     base = base_implementation(base)
     if not supports_packed_attention(base):
-        raise ValueError(f"the packed KV-cache attention runs over eager or sdpa attention, not {base!r}")
-    name = _PREFIX + base
+        raise ValueError(f"the KV-cache attention paths run over eager or sdpa attention, not {base!r}")
+    name = prefix + base
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, packed_attention)
+        AttentionInterface.register(name, function)
         # the base's own masks (sdpa: boolean, or none at all for a plain causal prefill, never a float
         # context x context matrix), so that the calls the base runs are exactly as without this path
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
@@ -96,7 +106,10 @@ def packed_implementation(base: str) -> str:
 
 
 def base_implementation(name: str) -> str:
-    return name.removeprefix(_PREFIX)
+    """The eager or sdpa implementation under one of ours (``name`` itself for any other)."""
+    for prefix in _PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
 
 
 def uses_packed_attention(config: PretrainedConfig) -> bool:
@@ -114,7 +127,7 @@ def packed_attention(
     """Attention over the packed past and the exact new tokens; ``[batch, queries, heads, head_dim]`` like eager."""
     past: PackedPast | None = getattr(key, _ATTRIBUTE, None)
     if past is None:
-        return _base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+        return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the packed KV-cache attention")
     scaling = kwargs.get("scaling")
@@ -159,7 +172,7 @@ def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return tensor if rows is None else tensor.index_select(0, rows)
 
 
-def _base_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+def base_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
     """The attention function the model would run without the packed cache (its own eager, or sdpa)."""
     base = base_implementation(module.config._attn_implementation)
     if base == "eager":

@@ -1,0 +1,61 @@
+"""Decode attention written as element-wise products and sums, so that a compiler fuses the cache's reads into it.
+
+:class:`~intactkv_modifier.kv_quant.static_cache.StaticKeyFavoredQuantizedCache`
+hands attention every slot of the past position by position, each one read from
+the packed codes (unpacked, scaled, offset) or from the exact ring. Given to
+sdpa or to a matrix product, that past is first written out in full precision
+(twice the bytes of a full-precision cache, read and written). Written instead as
+``sum(q * k)`` over the head and ``sum(p * v)`` over the tokens, the reads become
+the producers of two reductions, which ``torch.compile``'s inductor fuses into
+them: a compiled step reads the codes, not a dequantized copy.
+
+Registered as ``intactkv_static_<base>`` (``eager`` or ``sdpa``): it runs only for
+one query token under ``torch.compile``; an eager call, a prefill, training or
+attention sinks go to ``<base>`` unchanged (eagerly the broadcast products would
+hold ``group x context x head_dim`` floats).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from intactkv_modifier.kv_quant.attention import STATIC_PREFIX, base_attention, register_over_base
+
+__all__ = ["static_decode_attention", "static_implementation"]
+
+
+def static_implementation(base: str) -> str:
+    """The registered decode attention name over ``base`` (``eager`` or ``sdpa``): set it with
+    ``model.set_attn_implementation(static_implementation("sdpa"))`` before compiling the forward."""
+    return register_over_base(STATIC_PREFIX, base, static_decode_attention)
+
+
+def static_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of one query token per row, ``[batch, 1, heads, head_dim]`` like eager; others go to the base."""
+    fused = torch.compiler.is_compiling() and query.shape[2] == 1 and not module.training
+    if not fused or kwargs.get("s_aux") is not None:
+        return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).float() * scaling
+    scores = (grouped * key.unsqueeze(2).float()).sum(dim=-1)  # [b, kv_heads, group, tokens]
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[2]]  # [b, 1, 1, tokens]: one mask for every head of a row
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    output = (probs.unsqueeze(-1) * value.unsqueeze(2).float()).sum(dim=-2)  # [b, kv_heads, group, head_dim]
+    return output.to(query.dtype).reshape(batch, 1, heads, head_dim), None
