@@ -5,8 +5,9 @@ under ``torch.compile`` (``--compiled``; ``mode="reduce-overhead"``, CUDA graphs
 a GPU, inductor's default on a CPU); transformers' ``QuantizedCache`` with
 optimum-quanto int4 and int2 and with HQQ int4 (where the backend is installed and
 runs); ours, ``KeyFavoredQuantizedCache`` K4V2 and K2V2, each on the packed
-attention path and on the reference path (dequantize the past, then attend). Ours
-has no static-shape variant yet, so no compiled row.
+attention path and on the reference path (dequantize the past, then attend); with
+``--compiled`` also ours K4V2 static (``StaticKeyFavoredQuantizedCache``) under the
+same compile, with its fused decode attention (``static_implementation``).
 
 Speed is measured on a random-weight Llama shape (``--hidden`` ...): each context
 is prefilled once with the FP cache and its K/V written into every cache (so no
@@ -69,7 +70,12 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedModel
 from transformers.cache_utils import Cache, QuantizedCache, StaticCache
 
-from intactkv_modifier.kv_quant import KeyFavoredQuantizedCache, KVQuantSettings
+from intactkv_modifier.kv_quant import (
+    KeyFavoredQuantizedCache,
+    KVQuantSettings,
+    StaticKeyFavoredQuantizedCache,
+    static_implementation,
+)
 from intactkv_modifier.kv_quant.attention import packed_implementation
 from intactkv_modifier.kv_quant.fast_decode import kernel_available
 from intactkv_modifier.prefix import measured_prefix
@@ -85,6 +91,8 @@ class CacheKind:
     settings: KVQuantSettings | None = None
     #: static shapes: the forward runs compiled, over one cache object per batch refilled every round
     compiled: bool = False
+    #: compiled with our fused decode attention (``static_implementation``) instead of the plain ``--attention``
+    fused_attention: bool = False
 
 
 def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
@@ -113,6 +121,14 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
                     model.config, settings, full_precision_prefix=args.prefix_length, packed_attention=packed
                 ),
                 settings,
+            ))
+        if args.compiled and (key_bits, value_bits) == (4, 2):
+            kinds.append(CacheKind(
+                f"ours {settings.label()} static compiled",
+                lambda model, length, settings=settings: StaticKeyFavoredQuantizedCache(
+                    model.config, settings, length, full_precision_prefix=args.prefix_length
+                ),
+                settings, compiled=True, fused_attention=True,
             ))
     return kinds
 
@@ -149,8 +165,10 @@ def held_bytes(root: object) -> int:
 # decode speed ---------------------------------------------------------------------------
 
 
-def speed_model(args: argparse.Namespace, packed: bool = True) -> PreTrainedModel:
-    """The random-weight model (``seed``: the same weights on every call); ``packed``: our attention registered."""
+def speed_model(args: argparse.Namespace, attention: str = "packed") -> PreTrainedModel:
+    """The random-weight model (``seed``: the same weights on every call) with ``attention``: ``packed`` (our
+    packed path, falling back to ``--attention`` for other caches), ``plain`` (``--attention``) or ``fused``
+    (the static cache's fused decode attention over ``--attention``)."""
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or args.hidden * 2,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -160,8 +178,10 @@ def speed_model(args: argparse.Namespace, packed: bool = True) -> PreTrainedMode
     with torch.device(args.device):  # initialised where it runs: a 1B model's random init on the CPU takes minutes
         model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attention, dtype=args.dtype)
     model = model.eval()
-    if packed:
+    if attention == "packed":
         model.set_attn_implementation(packed_implementation(args.attention))  # unpacked caches fall back to it
+    elif attention == "fused":
+        model.set_attn_implementation(static_implementation(args.attention))
     return model
 
 
@@ -169,37 +189,40 @@ def speed_model(args: argparse.Namespace, packed: bool = True) -> PreTrainedMode
 class Decoder:
     """Decodes through the model eager, or (compiled kinds) through a compiled forward of a copy of it.
 
-    The compiled copy has plain ``--attention`` (no packed attention function for the compiler to trace), the
-    same weights (same seed), and keeps one static cache per batch and length, refilled every round: a new
-    cache object would make the compiled graph and its CUDA graphs be built again inside the timing.
+    A compiled copy has plain ``--attention`` (no packed attention function for the compiler to trace), or our
+    fused decode attention for ours static; the same weights (same seed). The decoder keeps one static cache per
+    kind, batch and length, refilled every round: a new cache object would make the compiled graph and its CUDA
+    graphs be built again inside the timing.
     """
 
     args: argparse.Namespace
     model: PreTrainedModel
-    compiled_forward: Callable[..., Any] | None = None
-    static_caches: dict[tuple[int, int], Cache] = field(default_factory=dict)
+    compiled_forwards: dict[bool, Callable[..., Any]] = field(default_factory=dict)
+    static_caches: dict[tuple[str, int, int], Cache] = field(default_factory=dict)
 
     def forward(self, kind: CacheKind) -> Callable[..., Any]:
         if not kind.compiled:
             return self.model
-        if self.compiled_forward is None:
-            plain = speed_model(self.args, packed=False)
+        if kind.fused_attention not in self.compiled_forwards:
+            copy = speed_model(self.args, "fused" if kind.fused_attention else "plain")
             mode = "reduce-overhead" if self.args.device.startswith("cuda") else None
             # one graph per context and batch: past the default limit (8) dynamo would fall back to eager unseen
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled_forward = torch.compile(plain.forward, mode=mode, dynamic=False)
-        return self.compiled_forward
+            self.compiled_forwards[kind.fused_attention] = torch.compile(copy.forward, mode=mode, dynamic=False)
+        return self.compiled_forwards[kind.fused_attention]
 
     def filled(self, kind: CacheKind, kv: list, batch: int) -> Cache:
         """A cache of ``kind`` holding the prefilled K/V, copied to ``batch`` rows (room for the decoded tokens)."""
         length = kv[0][0].shape[2] + max(self.args.steps, self.args.budget_steps, WARM_UP_STEPS) + 1
-        if kind.compiled and (batch, length) in self.static_caches:
-            cache = self.static_caches[batch, length]
+        key = (kind.name, batch, length)
+        if kind.compiled and key in self.static_caches:
+            cache = self.static_caches[key]
             cache.reset()
         else:
             cache = kind.build(self.model, length)
-            if kind.compiled:
-                self.static_caches = {(batch, length): cache}  # one at a time: a budget batch's is large
+            if kind.compiled:  # one per kind at a time: a budget batch's is large
+                self.static_caches = {k: c for k, c in self.static_caches.items() if k[0] != kind.name}
+                self.static_caches[key] = cache
         for layer_idx, (keys, values) in enumerate(kv):
             cache.update(keys.expand(batch, -1, -1, -1).clone(), values.expand(batch, -1, -1, -1).clone(), layer_idx)
         return cache
