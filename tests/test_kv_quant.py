@@ -119,6 +119,14 @@ def test_packing_round_trips_with_no_wasted_bit(bits):
     assert torch.equal(unpack(packed, bits), codes)
 
 
+@pytest.mark.parametrize("bits", (2, 4))
+def test_compiled_unpacking_takes_the_element_wise_form_and_gives_the_same_codes(bits):
+    """Under torch.compile one-byte units unpack by a broadcast shift (fusible), eagerly by widening words."""
+    codes = torch.randint(0, 2**bits, (3, 4, 64), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert torch.equal(torch.compile(unpack, fullgraph=True, dynamic=False)(packed, bits), codes)
+
+
 def test_three_bit_units_hold_eight_codes_in_three_bytes_least_significant_first():
     codes = [1, 2, 3, 4, 5, 6, 7, 0]
     word = sum(code << (3 * i) for i, code in enumerate(codes))

@@ -55,6 +55,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_unit, bytes_per_unit = packing_unit(bits)
     if bits == 8:
         return packed
+    if bytes_per_unit == 1 and torch.compiler.is_compiling():
+        # one broadcast shift: element-wise, so the compiler fuses it into what reads the codes (a view of words
+        # as bytes, _spread's, or a stack of shifted copies, would be written out in full first)
+        return ((packed.unsqueeze(-1) >> _shifts(bits, packed.device)[0]) & ((1 << bits) - 1)).flatten(-2)
     if bytes_per_unit == 1 and sys.byteorder == "little":
         return _spread(packed, bits, per_unit)
     if bytes_per_unit == 1:  # one shift by a constant per code position: far faster than a broadcast shift
