@@ -37,9 +37,8 @@ refused, as are sliding-window layers: both need the dynamic cache.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
@@ -50,31 +49,7 @@ from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, qu
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import quantizable_tokens
 
-__all__ = [
-    "SlotIndex", "StaticKeyFavoredQuantizedCache", "StaticKeyFavoredQuantizedLayer", "StaticTokenStore", "slot_index",
-]
-
-
-class SlotIndex(NamedTuple):
-    """Where each attended slot is read from, as device tensors built once (see :func:`slot_index`)."""
-
-    later: torch.Tensor  # slot - prefix: negative in the prefix
-    ring: torch.Tensor  # its ring slot
-
-
-@functools.cache
-def slot_index(slots: int, prefix: int, ring: int, device: torch.device) -> SlotIndex:
-    """The read indices of a layer of ``slots`` slots, shared by every layer and cache of that layout.
-
-    Tensors, not arithmetic on ``arange`` inside the step: inductor (torch 2.11) fails on the modular index
-    expressions that the arithmetic becomes once fused ("vr must not be None").
-    """
-    later = torch.arange(slots, device=device) - prefix
-    index = SlotIndex(later, later.remainder(ring))
-    if not torch.compiler.is_compiling():
-        for tensor in index:
-            torch._dynamo.mark_static_address(tensor)
-    return index
+__all__ = ["StaticKeyFavoredQuantizedCache", "StaticKeyFavoredQuantizedLayer", "StaticTokenStore"]
 
 
 class StaticTokenStore:
@@ -151,22 +126,23 @@ class StaticTokenStore:
         start = torch.where(quantized_after > quantized_before, quantized_before, self.capacity)
         self._write_quantized(block, start)
 
-    def read(self, quantized_tokens: torch.Tensor, dtype: torch.dtype, index: SlotIndex) -> torch.Tensor:
-        """Every slot ``[batch, heads, slots, head_dim]``: prefix, then quantized or ring, in slot order.
+    def read(self, quantized_tokens: torch.Tensor, dtype: torch.dtype, slots: int) -> torch.Tensor:
+        """The first ``slots`` slots ``[batch, heads, slots, head_dim]``: prefix, then quantized or ring, in order.
 
         A selection per slot between tensors of that length (the prefix and the quantized region padded to it,
         the ring gathered), no concatenation: compiled, every read stays a load inside the consumer's kernel
-        (a concatenation would be written out first).
+        (a concatenation would be written out first; an index_select of the dequantized region fails to
+        compile in inductor 2.11, "vr must not be None").
         """
-        slots, prefix = index.later.shape[0], self.prefix.shape[2]
-        stored = dequantize(self.quantized(), dtype)[:, :, : slots - prefix]
-        stored = torch.nn.functional.pad(stored, (0, 0, prefix, 0))
-        exact = self.ring.index_select(2, index.ring)
-        attended = torch.where((index.later < quantized_tokens).view(-1, 1), stored, exact)
+        prefix = self.prefix.shape[2]
+        later = torch.arange(slots, device=self.ring.device) - prefix  # negative in the prefix
+        stored = torch.nn.functional.pad(dequantize(self.quantized(), dtype)[:, :, : slots - prefix], (0, 0, prefix, 0))
+        exact = self.ring.index_select(2, later.remainder(self.ring.shape[2]))
+        attended = torch.where((later < quantized_tokens).view(-1, 1), stored, exact)
         if not prefix:
             return attended
         first = torch.nn.functional.pad(self.prefix, (0, 0, 0, slots - prefix))
-        return torch.where((index.later < 0).view(-1, 1), first, attended)
+        return torch.where((later < 0).view(-1, 1), first, attended)
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Row ``i`` becomes former row ``index[i]``, in place (the buffers keep their addresses)."""
@@ -254,8 +230,8 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.key_store.decode(key_states, slot, before, after)
         self.value_store.decode(value_states, slot, before, after)
         self.length.add_(1)
-        index = slot_index(self.max_cache_len, self.prefix_length, self.residual_length + self.block, self.device)
-        return self.key_store.read(before, self.dtype, index), self.value_store.read(before, self.dtype, index)
+        slots = self.max_cache_len
+        return self.key_store.read(before, self.dtype, slots), self.value_store.read(before, self.dtype, slots)
 
     def quantized_tokens(self, length: torch.Tensor) -> torch.Tensor:
         """Slots in the quantized region once a row holds ``length`` (a device tensor): the dynamic cache's count."""
