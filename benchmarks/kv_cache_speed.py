@@ -123,14 +123,20 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
                 settings,
             ))
         if args.compiled and (key_bits, value_bits) == (4, 2):
-            kinds.append(CacheKind(
-                f"ours {settings.label()} static compiled",
-                lambda model, length, settings=settings: StaticKeyFavoredQuantizedCache(
-                    model.config, settings, length, full_precision_prefix=args.prefix_length
-                ),
-                settings, compiled=True, fused_attention=True,
-            ))
+            for attention in STATIC_ATTENTIONS[args.static_attention]:
+                kinds.append(CacheKind(
+                    f"ours {settings.label()} static compiled" + ("" if attention == "fused" else f", {attention}"),
+                    lambda model, length, settings=settings: StaticKeyFavoredQuantizedCache(
+                        model.config, settings, length, full_precision_prefix=args.prefix_length
+                    ),
+                    settings, compiled=True, fused_attention=attention == "fused",
+                ))
     return kinds
+
+
+#: ``--static-attention``: the attention(s) ours static is compiled with (fused: ``static_implementation``;
+#: the plain ``--attention``, which reads a dequantized copy of the past written out by the step)
+STATIC_ATTENTIONS = {"fused": ("fused",), "plain": ("plain",), "both": ("fused", "plain")}
 
 
 def held_bytes(root: object) -> int:
@@ -486,7 +492,10 @@ def main() -> None:
     parser.add_argument("--budget-contexts", type=int, nargs="*", help="contexts measured in the budget (default: all)")
     parser.add_argument("--equal-batch", type=int, default=0, help="one batch for every cache (0: none)")
     parser.add_argument("--equal-batch-contexts", type=int, nargs="*", help="contexts of --equal-batch (default: all)")
-    parser.add_argument("--compiled", action="store_true", help="add FP StaticCache with the forward compiled")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add FP StaticCache and ours K4V2 static, each with the forward compiled")
+    parser.add_argument("--static-attention", default="fused", choices=sorted(STATIC_ATTENTIONS),
+                        help="compile ours static with the fused decode attention, the plain --attention, or both")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0,
                         help="memory bandwidth (GB/s): every figure also as a share of the physical limit")
     parser.add_argument("--hidden", type=int, default=512)
