@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import left_pad, load, load_tokenizer, text_samples
+from tiny_models import BOS, left_pad, load, load_tokenizer, text_samples
 from tolerances import relative_error, two_forwards, within
 from transformers import StaticCache
 from transformers.generation import CompileConfig
 
-from intactkv_modifier.architecture import kv_geometry
+from intactkv_modifier import PrefixKV, attach_intact_kv, capture_prefix_kv
+from intactkv_modifier.architecture import attention_modules, kv_geometry
+from intactkv_modifier.config import KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.kv_quant import (
     KeyFavoredQuantizedCache,
     KVQuantSettings,
@@ -84,6 +86,21 @@ def test_a_left_padded_batch_decodes_like_the_dynamic_cache(tiny_model_dirs):
     assert torch.equal(result.sequences, reference.sequences)
     bound = two_forwards(model.config, MAX_CACHE_LEN)
     assert within(relative_error(torch.stack(result.logits), torch.stack(reference.logits)), bound)
+
+
+def test_the_intact_prefix_stays_bit_exact_through_decoding(tiny_model_dirs):
+    """The spliced prefix K/V (doubled, so unlike what the model would compute) lands in the exact prefix slots."""
+    model = load(tiny_model_dirs["llama"])
+    own = capture_prefix_kv(model, [BOS])
+    attach_intact_kv(model, [BOS], PrefixKV(keys=[k * 2 for k in own.keys], values=[v * 2 for v in own.values]))
+    ids = torch.cat([torch.full((2, 1), BOS), torch.randint(3, 100, (2, 12))], dim=1)
+    cache = _static(model, 1)
+    _generate(model, ids, None, cache, new_tokens=20)
+
+    for layer, attention in zip(cache.layers, attention_modules(model)):
+        assert int(layer.quantized_tokens(layer.length)) > 0
+        for store, buffer in ((layer.key_store, KEY_BUFFER), (layer.value_store, VALUE_BUFFER)):
+            assert torch.equal(store.prefix[:, :, 0], getattr(attention, buffer)[:, 0].expand(2, -1, -1))
 
 
 @pytest.mark.parametrize("fused_attention", [False, True])
