@@ -88,6 +88,16 @@ def test_a_left_padded_batch_decodes_like_the_dynamic_cache(tiny_model_dirs):
     assert within(relative_error(torch.stack(result.logits), torch.stack(reference.logits)), bound)
 
 
+def test_beam_search_reorders_the_rows_in_place_like_the_dynamic_cache(tiny_model_dirs):
+    """Three beams diverge and are reordered at every step (without the reordering the sequences differ)."""
+    model = load(tiny_model_dirs["llama"])
+    ids = torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=30, do_sample=False, num_beams=3, pad_token_id=0)
+    dynamic = KeyFavoredQuantizedCache(model.config, SETTINGS, full_precision_prefix=2, packed_attention=False)
+    reference = model.generate(ids, past_key_values=dynamic, **kwargs)
+    assert torch.equal(model.generate(ids, past_key_values=_static(model, 2), **kwargs), reference)
+
+
 def test_the_intact_prefix_stays_bit_exact_through_decoding(tiny_model_dirs):
     """The spliced prefix K/V (doubled, so unlike what the model would compute) lands in the exact prefix slots."""
     model = load(tiny_model_dirs["llama"])
