@@ -183,16 +183,19 @@ def test_memory_held_is_the_packed_format_of_max_cache_len_plus_the_exact_prefix
 
 @pytest.mark.gpu
 def test_cuda_graphs_replay_the_decode_step_with_the_eager_tokens(tiny_model_dirs):
-    """``mode="reduce-overhead"``: the step is captured once and replayed; its tokens are the eager ones."""
+    """``mode="reduce-overhead"``: the step is captured once and replayed; its tokens are the eager ones.
+
+    In float32, so that the fused attention (float32 sums) and eager sdpa differ by reordering only.
+    """
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     torch._dynamo.reset()
-    model = load(tiny_model_dirs["llama"]).to("cuda", torch.bfloat16)
+    model = load(tiny_model_dirs["llama"]).to("cuda")
     model.set_attn_implementation(static_implementation("sdpa"))
     ids = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(2)).cuda()
     eager = _generate(model, ids, None, _static(model, 2))
     compiled = _generate(model, ids, None, _static(model, 2), CompileConfig(fullgraph=True))
-    # bfloat16: the fused attention sums in float32 where sdpa may not; the step is the same, so the argmax
-    # tokens are compared, and the logits to a few bfloat16 roundings (2**-8) of the largest
+
     assert torch.equal(compiled.sequences, eager.sequences)
-    assert relative_error(torch.stack(compiled.logits).float(), torch.stack(eager.logits).float()) < 0.05
+    bound = two_forwards(model.config, MAX_CACHE_LEN)
+    assert within(relative_error(torch.stack(compiled.logits), torch.stack(eager.logits)), bound)
