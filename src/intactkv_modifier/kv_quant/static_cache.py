@@ -132,7 +132,7 @@ class StaticTokenStore:
         A selection per slot between tensors of that length (the prefix and the quantized region padded to it,
         the ring gathered), no concatenation: compiled, every read stays a load inside the consumer's kernel
         (a concatenation would be written out first; an index_select of the dequantized region fails to
-        compile in inductor 2.11, "vr must not be None").
+        compile in inductor, torch 2.13 on a CPU: "vr must not be None").
         """
         prefix = self.prefix.shape[2]
         later = torch.arange(slots, device=self.ring.device) - prefix  # negative in the prefix
