@@ -95,7 +95,7 @@ def beside_store(cache: torch.Tensor) -> CacheStore:
 
 
 def layer_prefix(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, store: CacheStore, layout) -> LayerPrefix:
-    return LayerPrefix("layers.0", cache, key, value, key.to(cache.dtype), value.to(cache.dtype), store, layout)
+    return LayerPrefix("layers.0", cache, key, value, store, layout, key.to(cache.dtype), value.to(cache.dtype))
 
 
 def test_kv_heads_follow_vllm_tensor_parallel_split():
@@ -184,8 +184,8 @@ def test_fp8_codes_may_round_either_way_but_no_further():
         return store
 
     for step, accepted in ((0, True), (1, True), (2, False)):
-        prefix = LayerPrefix("layers.0", cache, key, value, expected, cache_codes(value, torch.float8_e4m3fn, 0.5),
-                             store_with_offset(step), KeysBesideValues())
+        prefix = LayerPrefix("layers.0", cache, key, value, store_with_offset(step), KeysBesideValues(), expected,
+                             cache_codes(value, torch.float8_e4m3fn, 0.5))
         prefix.write(slots)
         if accepted:
             prefix.verify(slots)

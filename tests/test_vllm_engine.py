@@ -279,14 +279,14 @@ for isa in isas:
                 ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slot_mapping, isa)
 
             slots = SlotIndices(torch.randperm(blocks * block, generator=generator)[:count], torch.arange(count))
-            prefix = LayerPrefix("layer", cache, key, value, key, value, store, CpuAttentionLayout(isa))
+            prefix = LayerPrefix("layer", cache, key, value, store, CpuAttentionLayout(isa), key, value)
             prefix.self_test(slots)
             assert int(cache.count_nonzero()) == 0  # the self-test put the blocks back
             prefix.write(slots)
             prefix.verify(slots)
             checked.append([isa, str(dtype), dim])
             try:
-                LayerPrefix("layer", cache, key, value, key, value, store, KeysBesideValues()).verify(slots)
+                LayerPrefix("layer", cache, key, value, store, KeysBesideValues(), key, value).verify(slots)
             except UnverifiableCacheError as error:
                 refused.append(str(error))
 print("RESULT " + json.dumps({"checked": checked, "refused": refused}))
