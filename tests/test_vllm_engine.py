@@ -304,6 +304,87 @@ def test_vllm_cpu_store_is_read_back_exactly_and_a_wrong_layout_is_refused():
     assert all("are not the stored ones" in message for message in report["refused"])
 
 
+_TURBOQUANT_ROUND_TRIP = r"""
+import json, os, sys
+from types import SimpleNamespace
+import torch
+if not torch.cuda.is_available():  # vLLM's CPU build has Triton without a CPU backend: its interpreter runs the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton, triton.language as tl, vllm.triton_utils as triton_utils
+    triton_utils.triton, triton_utils.tl = triton, tl
+import vllm.v1.attention.backends.turboquant_attn as turboquant_attn
+from intactkv_modifier.serving import SlotIndices, UnverifiableCacheError
+from intactkv_modifier.serving.turboquant import TurboQuantPrefix, decoded_mismatch, turboquant_prefix
+
+# the impl reads two engine settings when it is built; there is no engine here
+turboquant_attn.get_current_vllm_config = lambda: SimpleNamespace(
+    attention_config=SimpleNamespace(tq_max_kv_splits_for_cuda_graph=16), model_config=SimpleNamespace(max_model_len=64)
+)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+report = {"checked": [], "misplaced": [], "corrupted": [], "misread": []}
+for preset in json.loads(sys.argv[1]):
+    for dim in (64, 256):
+        heads, block, blocks, count = 2, 16, 4, 20
+        impl = turboquant_attn.TurboQuantAttentionImpl(4, dim, dim**-0.5, heads, kv_cache_dtype=preset)
+        layer = torch.nn.Module()
+        layer.impl = impl
+        generator = torch.Generator().manual_seed(dim)
+        key = (torch.randn(count, heads, dim, generator=generator) * 2).to(torch.bfloat16).to(device)
+        value = torch.randn(count, heads, dim, generator=generator).to(torch.bfloat16).to(device)
+        cache = torch.zeros(blocks, heads, block, impl.tq_config.slot_size_aligned, dtype=torch.uint8, device=device)
+        slots = SlotIndices(torch.randperm(blocks * block, generator=generator)[:count], torch.arange(count)).to(device)
+        prefix = turboquant_prefix("layer", cache, layer, key, value)
+        prefix.self_test(slots)
+        assert int(cache.count_nonzero()) == 0  # the self-test put the blocks back
+        prefix.write(slots)
+        prefix.verify(slots)
+        report["checked"].append([preset, dim])
+        # another token's bytes, decoded: the format's error bound alone must catch it
+        keys, values = prefix.decode(slots.slot_mapping.roll(1))
+        report["misread"].append(decoded_mismatch(key, value, keys, values, layer))
+        # one flipped byte of one token's key code
+        blocks_of, offsets = slots.slot_mapping[3] // block, slots.slot_mapping[3] % block
+        cache[blocks_of, 1, offsets, 0] ^= 0xFF
+        for case, writer in (("corrupted", prefix), ("misplaced", TurboQuantPrefix(
+            "layer", cache, key, value, lambda k, v, s: impl.do_kv_cache_update(layer, k, v, cache, s.roll(1)),
+            prefix.layout, layer,
+        ))):
+            if case == "misplaced":
+                cache.zero_()
+                writer.write(slots)
+            try:
+                writer.verify(slots)
+                report[case].append(None)
+            except UnverifiableCacheError as error:
+                report[case].append(str(error))
+print("RESULT " + json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize(
+    "presets",
+    [
+        pytest.param(["turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"], id="codebook-keys"),
+        pytest.param(["turboquant_k8v4"], id="fp8-keys", marks=pytest.mark.gpu),
+    ],
+)
+def test_turboquant_store_is_proven_byte_exact_and_decoded_within_its_error_bound(presets):
+    """vLLM's own TurboQuant store and decoder: on the GPU, or on the CPU under Triton's interpreter.
+
+    The interpreter casts to fp8 by truncation with a lost carry (1.95 becomes 1.0), so the fp8-key preset runs
+    on a GPU only: there the cache holds round-to-nearest codes, as in service.
+    """
+    python = serving_python()
+    if "turboquant_k8v4" in presets and on_cpu(python):
+        pytest.skip("needs vLLM on a GPU (Triton's interpreter casts to fp8 unlike the GPU)")
+    report = run_python(_TURBOQUANT_ROUND_TRIP, json.dumps(presets), python=python, timeout=600)
+    assert len(report["checked"]) == 2 * len(presets)
+    assert all(message and "read back from the cache" in message for message in report["misplaced"])
+    assert all(message and "read back from the cache" in message for message in report["corrupted"])
+    for message in report["misread"]:
+        assert message and "value elements farther" in message and "key elements outside" in message, message
+
+
 _SIGNATURES = r"""
 import inspect, json
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
