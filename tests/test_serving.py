@@ -41,7 +41,15 @@ from intactkv_modifier.serving import (
     slot_indices,
 )
 from intactkv_modifier.serving.layer_prefix import CacheStore
-from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, CONNECTOR_CLASS, _local_folder, decide_connector
+from intactkv_modifier.serving.vllm_plugin import (
+    ALLOW_PLAIN_ENV,
+    CONNECTOR_CLASS,
+    TURBOQUANT_CACHE_DTYPES,
+    _local_folder,
+    computes_whole_prompt,
+    decide_connector,
+    first_chunk_reads_step_kv,
+)
 
 # ---------------------------------------------------------------------------------------------- matching
 
@@ -396,9 +404,10 @@ def test_plugin_leaves_models_without_the_block_alone():
 
 def test_plugin_adds_its_connector_only_where_it_can_be_honoured(saved):
     config, _, _ = saved
-    for dtype in ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"):
+    for dtype in ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", *TURBOQUANT_CACHE_DTYPES):
         assert decide(config, kv_cache_dtype=dtype).inject
     assert "as fp8 codes" in decide(config, kv_cache_dtype="fp8").message
+    assert "skip_reading_prefix_cache=False" in decide(config, kv_cache_dtype="turboquant_k3v4_nc").message
     for overrides in ({"kv_connector": "NixlConnector"}, {"kv_offloading_size": 4.0}):
         decision = decide(config, **overrides)
         assert not decision.inject and decision.level == "WARNING" and "WITHOUT IntactKV" in decision.message
@@ -406,8 +415,7 @@ def test_plugin_adds_its_connector_only_where_it_can_be_honoured(saved):
 
 
 @pytest.mark.parametrize(
-    "dtype", ["int8_per_token_head", "int4_per_token_head", "fp8_per_token_head", "nvfp4", "turboquant_k8v4",
-              "turboquant_k3v4_nc", "turboquant_4bit_nc", "turboquant_3bit_nc", "ultraquant_4bit", "fp8_inc"]
+    "dtype", ["int8_per_token_head", "int4_per_token_head", "fp8_per_token_head", "nvfp4", "ultraquant_4bit", "fp8_inc"]
 )
 def test_kv_cache_formats_that_cannot_be_verified_stop_vllm(saved, dtype):
     config, _, _ = saved
@@ -416,6 +424,20 @@ def test_kv_cache_formats_that_cannot_be_verified_stop_vllm(saved, dtype):
     decision = decide(config, kv_cache_dtype=dtype, allow_plain=True)
     assert not decision.inject and decision.level == "WARNING" and "WITHOUT IntactKV" in decision.message
     assert not decide(None, kv_cache_dtype=dtype).inject  # other models: any format, as plain vLLM
+
+
+def test_requests_that_skip_the_prefix_cache_compute_their_whole_prompt_and_others_load_the_prefix():
+    class Sampling:
+        def __init__(self, prompt_logprobs=None, skip_reading_prefix_cache=None):
+            self.prompt_logprobs, self.skip_reading_prefix_cache = prompt_logprobs, skip_reading_prefix_cache
+
+    assert not computes_whole_prompt(Sampling(), None)
+    assert computes_whole_prompt(Sampling(prompt_logprobs=0), None)  # vLLM's SamplingParams sets skip for these
+    assert computes_whole_prompt(Sampling(prompt_logprobs=0, skip_reading_prefix_cache=True), None)
+    assert not computes_whole_prompt(Sampling(prompt_logprobs=0, skip_reading_prefix_cache=False), None)
+    assert computes_whole_prompt(None, object())  # pooling
+    assert all(first_chunk_reads_step_kv(dtype) for dtype in TURBOQUANT_CACHE_DTYPES)
+    assert not any(first_chunk_reads_step_kv(dtype) for dtype in ("auto", "bfloat16", "fp8"))
 
 
 def test_plugin_says_vllm_does_not_apply_the_checkpoints_kv_cache_quantization(saved):

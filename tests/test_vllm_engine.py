@@ -385,6 +385,65 @@ def test_turboquant_store_is_proven_byte_exact_and_decoded_within_its_error_boun
         assert message and "value elements farther" in message and "key elements outside" in message, message
 
 
+_WHOLE_PROMPT_UNDER_TURBOQUANT = r"""
+import json
+from types import SimpleNamespace
+from vllm import SamplingParams
+from vllm.config import KVTransferConfig
+from vllm.v1.engine.input_processor import InputProcessor
+from intactkv_modifier.serving import vllm_plugin
+from intactkv_modifier.serving.vllm_connector import IntactKVConnector
+
+passed = []
+InputProcessor._validate_params = lambda self, params, *args, **kwargs: passed.append(params)  # vLLM's own checks
+vllm_plugin.register()
+transfer = KVTransferConfig(
+    kv_connector=vllm_plugin.CONNECTOR_CLASS, kv_connector_module_path=vllm_plugin.CONNECTOR_MODULE, kv_role="kv_both"
+)
+report = {}
+for dtype in ("auto", "turboquant_4bit_nc"):
+    processor = SimpleNamespace(vllm_config=SimpleNamespace(
+        kv_transfer_config=transfer, cache_config=SimpleNamespace(cache_dtype=dtype)
+    ))
+    for name, params in (
+        ("generate", SamplingParams(max_tokens=1)),
+        ("prompt_logprobs", SamplingParams(max_tokens=1, prompt_logprobs=0)),
+        ("reading_cache", SamplingParams(max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=False)),
+    ):
+        try:
+            InputProcessor._validate_params(processor, params, ("generate",))
+            report[f"{dtype} {name}"] = "passed" if passed and passed[-1] is params else "lost"
+        except ValueError as error:
+            report[f"{dtype} {name}"] = str(error)
+
+# a request that got past the plugin: the scheduler side stops instead of serving it plain
+connector = IntactKVConnector.__new__(IntactKVConnector)
+connector._cache_dtype, connector._prefix = "turboquant_4bit_nc", (1, 7, 8)
+request = SimpleNamespace(
+    sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0), pooling_params=None,
+    prompt_token_ids=[1, 7, 8, 9], num_tokens=4,
+)
+try:
+    connector.get_num_new_matched_tokens(request, 0)
+    report["scheduler"] = "served"
+except RuntimeError as error:
+    report["scheduler"] = str(error)
+request.sampling_params = SamplingParams(max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=False)
+report["scheduler loads"] = connector.get_num_new_matched_tokens(request, 0)[0]
+print("RESULT " + json.dumps(report))
+"""
+
+
+def test_whole_prompt_requests_under_turboquant_are_refused_not_served_plain():
+    """TurboQuant's first prefill chunk attends to the step's own K/V, where the connector cannot put the prefix."""
+    report = run_python(_WHOLE_PROMPT_UNDER_TURBOQUANT, python=serving_python(), timeout=300)
+    refusal = "computes the first prefill chunk of a request from the step's own keys and values"
+    assert refusal in report.pop("turboquant_4bit_nc prompt_logprobs")
+    assert refusal in report.pop("scheduler")
+    assert report.pop("scheduler loads") == 3  # the whole prefix, loaded: the request's first chunk reads the cache
+    assert set(report.values()) == {"passed"}, report
+
+
 _SIGNATURES = r"""
 import inspect, json
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
