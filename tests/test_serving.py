@@ -421,6 +421,9 @@ def test_kv_cache_formats_that_cannot_be_verified_stop_vllm(saved, dtype):
     config, _, _ = saved
     with pytest.raises(ValueError, match=f"--kv-cache-dtype {dtype} keeps K/V in a format IntactKV cannot write"):
         decide(config, kv_cache_dtype=dtype)
+    if dtype.endswith("_per_token_head"):
+        with pytest.raises(ValueError, match="float32 scale per token and head"):
+            decide(config, kv_cache_dtype=dtype)
     decision = decide(config, kv_cache_dtype=dtype, allow_plain=True)
     assert not decision.inject and decision.level == "WARNING" and "WITHOUT IntactKV" in decision.message
     assert not decide(None, kv_cache_dtype=dtype).inject  # other models: any format, as plain vLLM

@@ -68,6 +68,15 @@ TURBOQUANT_CACHE_DTYPES = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_
 #: other formats (per-token-head int4/int8/fp8, nvfp4, UltraQuant) keep codes with scales IntactKV does not read
 #: back yet, so they are refused.
 SERVABLE_CACHE_DTYPES = ("auto", "bfloat16", "float16", *FP8_CACHE_DTYPES, *TURBOQUANT_CACHE_DTYPES)
+#: Why a refused format is refused, where more can be said than "no reader".
+_REFUSAL_REASONS = {
+    f"{kind}_per_token_head": (
+        "vLLM's Triton backend keeps a float32 scale per token and head inside each slot and binds its scale views "
+        "to the first cache its store sees, so the prefix cannot be stored into a scratch cache to prove the bytes, "
+        "and IntactKV has no reader of these codes yet"
+    )
+    for kind in ("int4", "int8", "fp8")
+}
 
 _MARK = "_intactkv_wrapped"
 
@@ -124,6 +133,8 @@ def decide_connector(
             f"IntactKV: {model} carries a stored prefix K/V, but --kv-cache-dtype {kv_cache_dtype} keeps K/V in a "
             f"format IntactKV cannot write and verify (it serves {', '.join(SERVABLE_CACHE_DTYPES)})"
         )
+        if kv_cache_dtype in _REFUSAL_REASONS:
+            reason += f": {_REFUSAL_REASONS[kv_cache_dtype]}"
         if allow_plain:
             plain = f"{reason}; serving WITHOUT IntactKV because {ALLOW_PLAIN_ENV}=1."
             return ConnectorDecision(False, "WARNING", plain)
