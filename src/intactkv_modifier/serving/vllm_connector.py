@@ -31,6 +31,7 @@ format that cannot be proven stops the engine with the reason.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -219,12 +220,12 @@ class IntactKVConnector(KVConnectorBase_V1):
             raise ValueError(f"attention layers use different KV block sizes {sorted(kernel_block_sizes)}")
         (self._kernel_block_size,) = kernel_block_sizes
         self._prove_every_layer()
-        first = next(iter(self._layers.values()))
+        layouts = Counter(layer.layout.name for layer in self._layers.values())  # TurboQuant keeps 4 layers plain
         logger.info(
             "IntactKV: %d layers of a %d-token prefix from %s, KV heads %d..%d on tensor-parallel rank %d/%d, "
             "written through the attention backend's own store (%s) and read back exactly",
             len(self._layers), len(self._prefix), stored.source, heads.start, heads.stop - 1, rank, size,
-            first.layout.name,
+            "; ".join(f"{count} layers: {name}" for name, count in layouts.items()),
         )
 
     def _layer_prefix(
