@@ -35,12 +35,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import BOS, load, run_python
+from tiny_models import BOS, load, run_python, save_tiny_model
 
 from intactkv_modifier import attach_intact_kv, capture_prefix_kv, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
 from intactkv_modifier.eval.vllm_runs import EngineAnswer, EngineRun, FirstTokenJob, PromptLogprobsJob, run_engine
-from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV
+from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, TURBOQUANT_CACHE_DTYPES
 
 pytestmark = pytest.mark.serving
 
@@ -251,6 +251,30 @@ def test_tensor_parallel_2_writes_each_rank_its_kv_heads(architecture, request):
     served = request.getfixturevalue(architecture)
     answer = run_engine(gpu_python(), engine(served, tensor_parallel_size=2, gpu_memory_utilization=0.3))
     assert_follows(served, answer, intact=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_six_layers(tmp_path_factory) -> Served:
+    """Six layers: vLLM's TurboQuant keeps the first and last two unquantized, so layers 2 and 3 hold its codes."""
+    root = tmp_path_factory.mktemp("six-layers")
+    return shifted_checkpoint(save_tiny_model("llama", root / "model", layers=6), root / "served")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", TURBOQUANT_CACHE_DTYPES)
+def test_turboquant_cache_holds_the_stored_prefix_and_refuses_whole_prompt_requests(tiny_six_layers, dtype):
+    python, served = gpu_python(), tiny_six_layers
+    settings = dict(model=str(served.folder), max_model_len=64, kv_cache_dtype=dtype, gpu_memory_utilization=0.3)
+    jobs = [FirstTokenJob(prompts=served.prompts), PromptLogprobsJob(prompts=served.prompts, read_prefix_cache=True)]
+    answer = run_engine(python, EngineRun(jobs=jobs, **settings))
+    assert "2 layers: TurboQuant packed slots" in answer.log
+    first, _ = answer.results[0]
+    for index in range(len(served.prompts)):
+        if served.starts_with_prefix(index):  # TurboQuant noise on two layers, but far closer to the stored prefix
+            to_intact = first_token_distance(first[index], served.intact[index])
+            assert to_intact < first_token_distance(first[index], served.plain[index]) / 2
+    with pytest.raises(RuntimeError, match="computes the first prefill chunk of a request from the step's own"):
+        run_engine(python, EngineRun(jobs=[PromptLogprobsJob(prompts=served.prompts[:1])], **settings))
 
 
 # ------------------------------------------------------------------------- vLLM's own code, without an engine
