@@ -13,6 +13,10 @@ plugin cannot know whether the model declares IntactKV and stops vLLM with the
 reason, unless :data:`ALLOW_PLAIN_ENV` is set, which serves without IntactKV
 after a warning. LoRA adapters are refused on IntactKV checkpoints: an adapter
 on ``k_proj``/``v_proj`` changes the prefix's K/V, which the stored ones are not.
+``register`` also wraps vLLM's request validation (``InputProcessor._validate_params``):
+under a TurboQuant cache, whose first prefill chunk the connector cannot reach,
+requests that compute their whole prompt are refused with the reason
+(:func:`whole_prompt_refusal`).
 
 vLLM is imported only inside :func:`register`, so importing this module (or the
 package) never needs vLLM. vLLM's own ``VLLM_PLUGINS`` allow-list turns the
