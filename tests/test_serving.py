@@ -28,6 +28,7 @@ from intactkv_modifier.serving import (
     CpuAttentionLayout,
     KeysBesideValues,
     LayerPrefix,
+    PackedSlots,
     PrefixLoad,
     UnverifiableCacheError,
     cache_codes,
@@ -240,6 +241,23 @@ def test_amx_layout_reads_what_vllms_amx_store_writes():
     prefix.verify(slots)
     with pytest.raises(UnverifiableCacheError):
         layer_prefix(cache, key, value, _amx_store(cache), CpuAttentionLayout("vec")).verify(slots)
+
+
+def test_packed_slots_read_each_tokens_key_then_value_bytes_at_block_head_offset():
+    """TurboQuant's arrangement: the kernels address ``cache.transpose(1, 2)`` by (block, offset, head)."""
+    cache = torch.zeros(3, 2, 4, 8, dtype=torch.uint8)
+    by_block_offset_head = cache.transpose(1, 2)
+    slots = torch.tensor([5, 0, 11])
+    for token, slot in enumerate(slots.tolist()):
+        for head in range(2):
+            by_block_offset_head[slot // 4, slot % 4, head] = torch.arange(8) + 16 * token + 64 * head
+    keys, values = PackedSlots(key_bytes=3, value_bytes=4).read(cache, slots)
+    assert keys.shape == (3, 2, 3) and values.shape == (3, 2, 4)
+    assert keys[2, 1].tolist() == [96, 97, 98] and values[2, 1].tolist() == [99, 100, 101, 102]  # 16 * 2 + 64
+    with pytest.raises(UnverifiableCacheError, match="byte-per-element"):
+        PackedSlots(key_bytes=3, value_bytes=4).read(cache.to(torch.bfloat16), slots)
+    with pytest.raises(UnverifiableCacheError, match="byte-per-element"):
+        PackedSlots(key_bytes=6, value_bytes=4).read(cache, slots)  # slots smaller than the format's codes
 
 
 def test_unknown_backends_and_instruction_sets_are_refused():
