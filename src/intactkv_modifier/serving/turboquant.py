@@ -32,6 +32,7 @@ from vllm.v1.attention.ops.triton_turboquant_decode import _tq_full_dequant_kv, 
 
 from intactkv_modifier.serving.cache_layouts import PackedSlots, UnverifiableCacheError
 from intactkv_modifier.serving.layer_prefix import PrefixWriter
+from intactkv_modifier.serving.paged import SlotIndices
 
 __all__ = ["TURBOQUANT_BACKEND", "TurboQuantPrefix", "decoded_mismatch", "turboquant_prefix"]
 
@@ -61,7 +62,7 @@ class TurboQuantPrefix(PrefixWriter):
         )
         return self.layout.read(scratch, slots)
 
-    def verify(self, slots: Any) -> None:
+    def verify(self, slots: SlotIndices) -> None:
         """Bit-exact against the scratch store, then decoded with vLLM's reader within the format's error."""
         super().verify(slots)
         if not len(slots):
