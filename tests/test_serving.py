@@ -28,6 +28,7 @@ from intactkv_modifier.serving import (
     CpuAttentionLayout,
     KeysBesideValues,
     LayerPrefix,
+    PackedSlots,
     PrefixLoad,
     UnverifiableCacheError,
     cache_codes,
@@ -41,7 +42,15 @@ from intactkv_modifier.serving import (
     slot_indices,
 )
 from intactkv_modifier.serving.layer_prefix import CacheStore
-from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, CONNECTOR_CLASS, _local_folder, decide_connector
+from intactkv_modifier.serving.vllm_plugin import (
+    ALLOW_PLAIN_ENV,
+    CONNECTOR_CLASS,
+    TURBOQUANT_CACHE_DTYPES,
+    _local_folder,
+    computes_whole_prompt,
+    decide_connector,
+    first_chunk_reads_step_kv,
+)
 
 # ---------------------------------------------------------------------------------------------- matching
 
@@ -95,7 +104,7 @@ def beside_store(cache: torch.Tensor) -> CacheStore:
 
 
 def layer_prefix(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, store: CacheStore, layout) -> LayerPrefix:
-    return LayerPrefix("layers.0", cache, key, value, key.to(cache.dtype), value.to(cache.dtype), store, layout)
+    return LayerPrefix("layers.0", cache, key, value, store, layout, key.to(cache.dtype), value.to(cache.dtype))
 
 
 def test_kv_heads_follow_vllm_tensor_parallel_split():
@@ -184,8 +193,8 @@ def test_fp8_codes_may_round_either_way_but_no_further():
         return store
 
     for step, accepted in ((0, True), (1, True), (2, False)):
-        prefix = LayerPrefix("layers.0", cache, key, value, expected, cache_codes(value, torch.float8_e4m3fn, 0.5),
-                             store_with_offset(step), KeysBesideValues())
+        prefix = LayerPrefix("layers.0", cache, key, value, store_with_offset(step), KeysBesideValues(), expected,
+                             cache_codes(value, torch.float8_e4m3fn, 0.5))
         prefix.write(slots)
         if accepted:
             prefix.verify(slots)
@@ -232,6 +241,23 @@ def test_amx_layout_reads_what_vllms_amx_store_writes():
     prefix.verify(slots)
     with pytest.raises(UnverifiableCacheError):
         layer_prefix(cache, key, value, _amx_store(cache), CpuAttentionLayout("vec")).verify(slots)
+
+
+def test_packed_slots_read_each_tokens_key_then_value_bytes_at_block_head_offset():
+    """TurboQuant's arrangement: the kernels address ``cache.transpose(1, 2)`` by (block, offset, head)."""
+    cache = torch.zeros(3, 2, 4, 8, dtype=torch.uint8)
+    by_block_offset_head = cache.transpose(1, 2)
+    slots = torch.tensor([5, 0, 11])
+    for token, slot in enumerate(slots.tolist()):
+        for head in range(2):
+            by_block_offset_head[slot // 4, slot % 4, head] = torch.arange(8) + 16 * token + 64 * head
+    keys, values = PackedSlots(key_bytes=3, value_bytes=4).read(cache, slots)
+    assert keys.shape == (3, 2, 3) and values.shape == (3, 2, 4)
+    assert keys[2, 1].tolist() == [96, 97, 98] and values[2, 1].tolist() == [99, 100, 101, 102]  # 16 * 2 + 64
+    with pytest.raises(UnverifiableCacheError, match="byte-per-element"):
+        PackedSlots(key_bytes=3, value_bytes=4).read(cache.to(torch.bfloat16), slots)
+    with pytest.raises(UnverifiableCacheError, match="byte-per-element"):
+        PackedSlots(key_bytes=6, value_bytes=4).read(cache, slots)  # slots smaller than the format's codes
 
 
 def test_unknown_backends_and_instruction_sets_are_refused():
@@ -396,9 +422,10 @@ def test_plugin_leaves_models_without_the_block_alone():
 
 def test_plugin_adds_its_connector_only_where_it_can_be_honoured(saved):
     config, _, _ = saved
-    for dtype in ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"):
+    for dtype in ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2", *TURBOQUANT_CACHE_DTYPES):
         assert decide(config, kv_cache_dtype=dtype).inject
     assert "as fp8 codes" in decide(config, kv_cache_dtype="fp8").message
+    assert "skip_reading_prefix_cache=False" in decide(config, kv_cache_dtype="turboquant_k3v4_nc").message
     for overrides in ({"kv_connector": "NixlConnector"}, {"kv_offloading_size": 4.0}):
         decision = decide(config, **overrides)
         assert not decision.inject and decision.level == "WARNING" and "WITHOUT IntactKV" in decision.message
@@ -406,16 +433,32 @@ def test_plugin_adds_its_connector_only_where_it_can_be_honoured(saved):
 
 
 @pytest.mark.parametrize(
-    "dtype", ["int8_per_token_head", "int4_per_token_head", "fp8_per_token_head", "nvfp4", "turboquant_k8v4",
-              "turboquant_k3v4_nc", "turboquant_4bit_nc", "turboquant_3bit_nc", "ultraquant_4bit", "fp8_inc"]
+    "dtype", ["int8_per_token_head", "int4_per_token_head", "fp8_per_token_head", "nvfp4", "ultraquant_4bit", "fp8_inc"]
 )
 def test_kv_cache_formats_that_cannot_be_verified_stop_vllm(saved, dtype):
     config, _, _ = saved
     with pytest.raises(ValueError, match=f"--kv-cache-dtype {dtype} keeps K/V in a format IntactKV cannot write"):
         decide(config, kv_cache_dtype=dtype)
+    if dtype.endswith("_per_token_head"):
+        with pytest.raises(ValueError, match="float32 scale per token and head"):
+            decide(config, kv_cache_dtype=dtype)
     decision = decide(config, kv_cache_dtype=dtype, allow_plain=True)
     assert not decision.inject and decision.level == "WARNING" and "WITHOUT IntactKV" in decision.message
     assert not decide(None, kv_cache_dtype=dtype).inject  # other models: any format, as plain vLLM
+
+
+def test_requests_that_skip_the_prefix_cache_compute_their_whole_prompt_and_others_load_the_prefix():
+    class Sampling:
+        def __init__(self, prompt_logprobs=None, skip_reading_prefix_cache=None):
+            self.prompt_logprobs, self.skip_reading_prefix_cache = prompt_logprobs, skip_reading_prefix_cache
+
+    assert not computes_whole_prompt(Sampling(), None)
+    assert computes_whole_prompt(Sampling(prompt_logprobs=0), None)  # vLLM's SamplingParams sets skip for these
+    assert computes_whole_prompt(Sampling(prompt_logprobs=0, skip_reading_prefix_cache=True), None)
+    assert not computes_whole_prompt(Sampling(prompt_logprobs=0, skip_reading_prefix_cache=False), None)
+    assert computes_whole_prompt(None, object())  # pooling
+    assert all(first_chunk_reads_step_kv(dtype) for dtype in TURBOQUANT_CACHE_DTYPES)
+    assert not any(first_chunk_reads_step_kv(dtype) for dtype in ("auto", "bfloat16", "fp8"))
 
 
 def test_plugin_says_vllm_does_not_apply_the_checkpoints_kv_cache_quantization(saved):

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import BOS, load, run_python
+from tiny_models import BOS, load, run_python, save_tiny_model
 
 from intactkv_modifier import attach_intact_kv, capture_prefix_kv, intact_kv_disabled
 from intactkv_modifier.capture import PrefixKV
 from intactkv_modifier.eval.vllm_runs import EngineAnswer, EngineRun, FirstTokenJob, PromptLogprobsJob, run_engine
-from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV
+from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, TURBOQUANT_CACHE_DTYPES
 
 pytestmark = pytest.mark.serving
 
@@ -253,6 +253,30 @@ def test_tensor_parallel_2_writes_each_rank_its_kv_heads(architecture, request):
     assert_follows(served, answer, intact=True)
 
 
+@pytest.fixture(scope="module")
+def tiny_six_layers(tmp_path_factory) -> Served:
+    """Six layers: vLLM's TurboQuant keeps the first and last two unquantized, so layers 2 and 3 hold its codes."""
+    root = tmp_path_factory.mktemp("six-layers")
+    return shifted_checkpoint(save_tiny_model("llama", root / "model", layers=6), root / "served")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", TURBOQUANT_CACHE_DTYPES)
+def test_turboquant_cache_holds_the_stored_prefix_and_refuses_whole_prompt_requests(tiny_six_layers, dtype):
+    python, served = gpu_python(), tiny_six_layers
+    settings = dict(model=str(served.folder), max_model_len=64, kv_cache_dtype=dtype, gpu_memory_utilization=0.3)
+    jobs = [FirstTokenJob(prompts=served.prompts), PromptLogprobsJob(prompts=served.prompts, read_prefix_cache=True)]
+    answer = run_engine(python, EngineRun(jobs=jobs, **settings))
+    assert "2 layers: TurboQuant packed slots" in answer.log
+    first, _ = answer.results[0]
+    for index in range(len(served.prompts)):
+        if served.starts_with_prefix(index):  # TurboQuant noise on two layers, but far closer to the stored prefix
+            to_intact = first_token_distance(first[index], served.intact[index])
+            assert to_intact < first_token_distance(first[index], served.plain[index]) / 2
+    with pytest.raises(RuntimeError, match="computes the first prefill chunk of a request from the step's own"):
+        run_engine(python, EngineRun(jobs=[PromptLogprobsJob(prompts=served.prompts[:1])], **settings))
+
+
 # ------------------------------------------------------------------------- vLLM's own code, without an engine
 
 _CPU_STORE_ROUND_TRIP = r"""
@@ -279,14 +303,14 @@ for isa in isas:
                 ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slot_mapping, isa)
 
             slots = SlotIndices(torch.randperm(blocks * block, generator=generator)[:count], torch.arange(count))
-            prefix = LayerPrefix("layer", cache, key, value, key, value, store, CpuAttentionLayout(isa))
+            prefix = LayerPrefix("layer", cache, key, value, store, CpuAttentionLayout(isa), key, value)
             prefix.self_test(slots)
             assert int(cache.count_nonzero()) == 0  # the self-test put the blocks back
             prefix.write(slots)
             prefix.verify(slots)
             checked.append([isa, str(dtype), dim])
             try:
-                LayerPrefix("layer", cache, key, value, key, value, store, KeysBesideValues()).verify(slots)
+                LayerPrefix("layer", cache, key, value, store, KeysBesideValues(), key, value).verify(slots)
             except UnverifiableCacheError as error:
                 refused.append(str(error))
 print("RESULT " + json.dumps({"checked": checked, "refused": refused}))
@@ -302,6 +326,146 @@ def test_vllm_cpu_store_is_read_back_exactly_and_a_wrong_layout_is_refused():
     assert len(report["checked"]) >= 18, report["checked"]
     assert len(report["refused"]) == len(report["checked"])
     assert all("are not the stored ones" in message for message in report["refused"])
+
+
+_TURBOQUANT_ROUND_TRIP = r"""
+import json, os, sys
+from types import SimpleNamespace
+import torch
+if not torch.cuda.is_available():  # vLLM's CPU build has Triton without a CPU backend: its interpreter runs the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton, triton.language as tl, vllm.triton_utils as triton_utils
+    triton_utils.triton, triton_utils.tl = triton, tl
+import vllm.v1.attention.backends.turboquant_attn as turboquant_attn
+from intactkv_modifier.serving import SlotIndices, UnverifiableCacheError
+from intactkv_modifier.serving.turboquant import TurboQuantPrefix, decoded_mismatch, turboquant_prefix
+
+# the impl reads two engine settings when it is built; there is no engine here
+turboquant_attn.get_current_vllm_config = lambda: SimpleNamespace(
+    attention_config=SimpleNamespace(tq_max_kv_splits_for_cuda_graph=16), model_config=SimpleNamespace(max_model_len=64)
+)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+report = {"checked": [], "misplaced": [], "corrupted": [], "misread": []}
+for preset in json.loads(sys.argv[1]):
+    for dim in (64, 256):
+        heads, block, blocks, count = 2, 16, 4, 20
+        impl = turboquant_attn.TurboQuantAttentionImpl(4, dim, dim**-0.5, heads, kv_cache_dtype=preset)
+        layer = torch.nn.Module()
+        layer.impl = impl
+        generator = torch.Generator().manual_seed(dim)
+        key = (torch.randn(count, heads, dim, generator=generator) * 2).to(torch.bfloat16).to(device)
+        value = torch.randn(count, heads, dim, generator=generator).to(torch.bfloat16).to(device)
+        cache = torch.zeros(blocks, heads, block, impl.tq_config.slot_size_aligned, dtype=torch.uint8, device=device)
+        slots = SlotIndices(torch.randperm(blocks * block, generator=generator)[:count], torch.arange(count)).to(device)
+        prefix = turboquant_prefix("layer", cache, layer, key, value)
+        prefix.self_test(slots)
+        assert int(cache.count_nonzero()) == 0  # the self-test put the blocks back
+        prefix.write(slots)
+        prefix.verify(slots)
+        report["checked"].append([preset, dim])
+        # another token's bytes, decoded: the format's error bound alone must catch it
+        keys, values = prefix.decode(slots.slot_mapping.roll(1))
+        report["misread"].append(decoded_mismatch(key, value, keys, values, layer))
+        # one flipped byte of one token's key code
+        blocks_of, offsets = slots.slot_mapping[3] // block, slots.slot_mapping[3] % block
+        cache[blocks_of, 1, offsets, 0] ^= 0xFF
+        for case, writer in (("corrupted", prefix), ("misplaced", TurboQuantPrefix(
+            "layer", cache, key, value, lambda k, v, s: impl.do_kv_cache_update(layer, k, v, cache, s.roll(1)),
+            prefix.layout, layer,
+        ))):
+            if case == "misplaced":
+                cache.zero_()
+                writer.write(slots)
+            try:
+                writer.verify(slots)
+                report[case].append(None)
+            except UnverifiableCacheError as error:
+                report[case].append(str(error))
+print("RESULT " + json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize(
+    "presets",
+    [
+        pytest.param(["turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"], id="codebook-keys"),
+        pytest.param(["turboquant_k8v4"], id="fp8-keys", marks=pytest.mark.gpu),
+    ],
+)
+def test_turboquant_store_is_proven_byte_exact_and_decoded_within_its_error_bound(presets):
+    """vLLM's own TurboQuant store and decoder: on the GPU, or on the CPU under Triton's interpreter.
+
+    The interpreter casts to fp8 by truncation with a lost carry (1.95 becomes 1.0), so the fp8-key preset runs
+    on a GPU only: there the cache holds round-to-nearest codes, as in service.
+    """
+    python = serving_python()
+    if "turboquant_k8v4" in presets and on_cpu(python):
+        pytest.skip("needs vLLM on a GPU (Triton's interpreter casts to fp8 unlike the GPU)")
+    report = run_python(_TURBOQUANT_ROUND_TRIP, json.dumps(presets), python=python, timeout=600)
+    assert len(report["checked"]) == 2 * len(presets)
+    assert all(message and "read back from the cache" in message for message in report["misplaced"])
+    assert all(message and "read back from the cache" in message for message in report["corrupted"])
+    for message in report["misread"]:
+        assert message and "value elements farther" in message and "key elements outside" in message, message
+
+
+_WHOLE_PROMPT_UNDER_TURBOQUANT = r"""
+import json
+from types import SimpleNamespace
+from vllm import SamplingParams
+from vllm.config import KVTransferConfig
+from vllm.v1.engine.input_processor import InputProcessor
+from intactkv_modifier.serving import vllm_plugin
+from intactkv_modifier.serving.vllm_connector import IntactKVConnector
+
+passed = []
+InputProcessor._validate_params = lambda self, params, *args, **kwargs: passed.append(params)  # vLLM's own checks
+vllm_plugin.register()
+transfer = KVTransferConfig(
+    kv_connector=vllm_plugin.CONNECTOR_CLASS, kv_connector_module_path=vllm_plugin.CONNECTOR_MODULE, kv_role="kv_both"
+)
+report = {}
+for dtype in ("auto", "turboquant_4bit_nc"):
+    processor = SimpleNamespace(vllm_config=SimpleNamespace(
+        kv_transfer_config=transfer, cache_config=SimpleNamespace(cache_dtype=dtype)
+    ))
+    for name, params in (
+        ("generate", SamplingParams(max_tokens=1)),
+        ("prompt_logprobs", SamplingParams(max_tokens=1, prompt_logprobs=0)),
+        ("reading_cache", SamplingParams(max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=False)),
+    ):
+        try:
+            InputProcessor._validate_params(processor, params, ("generate",))
+            report[f"{dtype} {name}"] = "passed" if passed and passed[-1] is params else "lost"
+        except ValueError as error:
+            report[f"{dtype} {name}"] = str(error)
+
+# a request that got past the plugin: the scheduler side stops instead of serving it plain
+connector = IntactKVConnector.__new__(IntactKVConnector)
+connector._cache_dtype, connector._prefix = "turboquant_4bit_nc", (1, 7, 8)
+request = SimpleNamespace(
+    sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0), pooling_params=None,
+    prompt_token_ids=[1, 7, 8, 9], num_tokens=4,
+)
+try:
+    connector.get_num_new_matched_tokens(request, 0)
+    report["scheduler"] = "served"
+except RuntimeError as error:
+    report["scheduler"] = str(error)
+request.sampling_params = SamplingParams(max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=False)
+report["scheduler loads"] = connector.get_num_new_matched_tokens(request, 0)[0]
+print("RESULT " + json.dumps(report))
+"""
+
+
+def test_whole_prompt_requests_under_turboquant_are_refused_not_served_plain():
+    """TurboQuant's first prefill chunk attends to the step's own K/V, where the connector cannot put the prefix."""
+    report = run_python(_WHOLE_PROMPT_UNDER_TURBOQUANT, python=serving_python(), timeout=300)
+    refusal = "computes the first prefill chunk of a request from the step's own keys and values"
+    assert refusal in report.pop("turboquant_4bit_nc prompt_logprobs")
+    assert refusal in report.pop("scheduler")
+    assert report.pop("scheduler loads") == 3  # the whole prefix, loaded: the request's first chunk reads the cache
+    assert set(report.values()) == {"passed"}, report
 
 
 _SIGNATURES = r"""

@@ -69,12 +69,12 @@ def build_tokenizer(adds_bos: bool, chat_template: str | None = None) -> PreTrai
     )
 
 
-def build_config(architecture: str):
+def build_config(architecture: str, layers: int = 2):
     common = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
@@ -95,15 +95,15 @@ def build_config(architecture: str):
             **{**common, "num_key_value_heads": 1, "tie_word_embeddings": True},
             query_pre_attn_scalar=32,
             sliding_window=GEMMA3_SLIDING_WINDOW,
-            layer_types=["sliding_attention", "full_attention"],
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
         )
     raise ValueError(architecture)
 
 
-def save_tiny_model(architecture: str, directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(architecture: str, directory: Path, seed: int = 0, layers: int = 2) -> Path:
     """Random model and tokenizer in ``directory``; Llama and Qwen3 tokenizers add BOS, Qwen2's does not."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_config(architecture), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(build_config(architecture, layers), attn_implementation="eager")
     _give_first_token_a_sink(model)
     model.save_pretrained(directory)
     build_tokenizer(adds_bos=architecture != "qwen2").save_pretrained(directory)

@@ -52,10 +52,16 @@ class FirstTokenJob(_Frozen):
 
 
 class PromptLogprobsJob(_Frozen):
-    """The log-probability vLLM gives each prompt token (``None`` where it gives none): how evaluation reads it."""
+    """The log-probability vLLM gives each prompt token (``None`` where it gives none): how evaluation reads it.
+
+    ``read_prefix_cache`` sends ``skip_reading_prefix_cache=False``: vLLM (and the IntactKV connector) may then
+    serve the leading positions from a cache, and those positions' values are not computed (vLLM leaves them
+    unset), so only positions after them may be counted.
+    """
 
     kind: Literal["prompt_logprobs"] = "prompt_logprobs"
     prompts: list[TokenIds]
+    read_prefix_cache: bool = False
 
 
 class GreedyJob(_Frozen):
@@ -169,7 +175,8 @@ def _serve(run: EngineRun) -> EngineAnswer:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=job.top, detokenize=False)
             results.append([_first_token_logprobs(generate(job.prompts, params)) for _ in range(job.passes)])
         elif isinstance(job, PromptLogprobsJob):
-            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+            reading = {"skip_reading_prefix_cache": False} if job.read_prefix_cache else {}
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, **reading)
             outputs = generate(job.prompts, params)
             results.append([_prompt_token_logprobs(p, out.prompt_logprobs) for p, out in zip(job.prompts, outputs)])
         elif isinstance(job, GreedyJob):

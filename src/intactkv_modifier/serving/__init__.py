@@ -7,6 +7,8 @@ Split so that the logic is tested without vLLM and importing it never needs vLLM
 - :mod:`.paged`: the cache slots of those positions, and the KV heads of a tensor-parallel rank;
 - :mod:`.cache_layouts`: how each attention backend arranges its cache, read back slot by slot;
 - :mod:`.layer_prefix`: one layer's prefix, written through vLLM's own store and proven by reading it back;
+- :mod:`.turboquant`: the same for vLLM's TurboQuant caches, proven with vLLM's own store and decoder (imports
+  vLLM; only the connector imports it);
 - :mod:`.vllm_plugin`: the ``vllm.general_plugins`` entry point; imports vLLM only when vLLM calls it;
 - :mod:`.vllm_connector`: the KV connector vLLM loads by module path; the one module that imports vLLM at
   the top, and only vLLM imports it.
@@ -25,10 +27,11 @@ from intactkv_modifier.serving.cache_layouts import (
     CacheLayout,
     CpuAttentionLayout,
     KeysBesideValues,
+    PackedSlots,
     UnverifiableCacheError,
     layout_for,
 )
-from intactkv_modifier.serving.layer_prefix import LayerPrefix, cache_codes
+from intactkv_modifier.serving.layer_prefix import LayerPrefix, PrefixWriter, cache_codes
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
 from intactkv_modifier.serving.paged import PrefixLoad, SlotIndices, kv_head_slice, layer_index_of, slot_indices
 
@@ -38,7 +41,9 @@ __all__ = [
     "CpuAttentionLayout",
     "KeysBesideValues",
     "LayerPrefix",
+    "PackedSlots",
     "PrefixLoad",
+    "PrefixWriter",
     "SlotIndices",
     "StoredPrefix",
     "UnverifiableCacheError",

@@ -32,6 +32,7 @@ __all__ = [
     "CacheLayout",
     "CpuAttentionLayout",
     "KeysBesideValues",
+    "PackedSlots",
     "UnverifiableCacheError",
     "layout_for",
 ]
@@ -126,6 +127,34 @@ class CpuAttentionLayout(CacheLayout):
         values = value_tiles.select(2, 1)[blocks, :, :, offsets // 2, :, offsets % 2]
         count = slot_mapping.numel()
         return keys.reshape(count, heads, dim), values.reshape(count, heads, dim)
+
+
+@dataclass(frozen=True)
+class PackedSlots(CacheLayout):
+    """One byte string per token and head: ``cache[block, head, offset]`` is ``[key bytes | value bytes | padding]``.
+
+    vLLM's TurboQuant backend (``turboquant_*`` cache dtypes) hands out a
+    ``uint8`` cache of logical shape ``[blocks, heads, block_size, slot_bytes]``
+    and its kernels address ``cache.transpose(1, 2)`` by ``(block, offset,
+    head)``: the same byte string as ``cache[block, head, offset]`` here,
+    whatever the physical strides. The key's packed code comes first
+    (``key_bytes``), the value's next (``value_bytes``); the padding byte that
+    rounds the slot to an even size is never written, so it is not read.
+    """
+
+    key_bytes: int
+    value_bytes: int
+    name: str = "TurboQuant packed slots, [blocks, heads, block_size, slot_bytes]"
+
+    def read(self, cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache.dim() != 4 or cache.element_size() != 1 or cache.shape[3] < self.key_bytes + self.value_bytes:
+            raise UnverifiableCacheError(
+                f"a cache of shape {tuple(cache.shape)} and dtype {cache.dtype} is not the byte-per-element "
+                f"[blocks, heads, block_size, >= {self.key_bytes + self.value_bytes}] tensor of packed slots"
+            )
+        blocks, offsets = _blocks_and_offsets(slot_mapping, cache.shape[2])
+        slots = cache[blocks, :, offsets]
+        return slots[..., : self.key_bytes], slots[..., self.key_bytes : self.key_bytes + self.value_bytes]
 
 
 def layout_for(backend_name: str, cpu_isa: str | None = None) -> CacheLayout:

@@ -17,6 +17,7 @@ store ops (``tests/vllm/``) or plain torch ones.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch
 from intactkv_modifier.serving.cache_layouts import CacheLayout, UnverifiableCacheError
 from intactkv_modifier.serving.paged import SlotIndices
 
-__all__ = ["FP8_CACHE_DTYPES", "CacheStore", "LayerPrefix", "cache_codes"]
+__all__ = ["FP8_CACHE_DTYPES", "CacheStore", "LayerPrefix", "PrefixWriter", "cache_codes"]
 
 #: ``store(keys, values, slot_mapping)``: write ``[n, heads, head_dim]`` keys and values into the layer's cache.
 CacheStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -63,22 +64,23 @@ def _mismatches(got: torch.Tensor, want: torch.Tensor) -> int:
 
 
 @dataclass
-class LayerPrefix:
+class PrefixWriter(ABC):
     """The prefix rows one rank writes into one attention layer's cache, and how to prove them.
 
     ``keys``/``values`` are ``[prefix_length, heads of this rank, head_dim]`` in
-    the dtype the model computes K/V in (the store's input); ``expected_keys``/
-    ``expected_values`` are what the cache must then hold (:func:`cache_codes`).
+    the dtype the model computes K/V in (the store's input).
     """
 
     name: str
     cache: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
-    expected_keys: torch.Tensor
-    expected_values: torch.Tensor
     store: CacheStore
     layout: CacheLayout
+
+    @abstractmethod
+    def expected(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache must hold for the prefix keys and values at ``positions``, as the layout reads them."""
 
     def write(self, slots: SlotIndices) -> None:
         if len(slots):
@@ -89,10 +91,8 @@ class LayerPrefix:
         if not len(slots):
             return
         keys, values = self.layout.read(self.cache, slots.slot_mapping)
-        for kind, got, want in (
-            ("keys", keys, self.expected_keys[slots.positions]),
-            ("values", values, self.expected_values[slots.positions]),
-        ):
+        want_keys, want_values = self.expected(slots.positions)
+        for kind, got, want in (("keys", keys, want_keys), ("values", values, want_values)):
             if got.shape != want.shape or got.element_size() != want.element_size():
                 detail = f"read {tuple(got.shape)} {got.dtype}, expected {tuple(want.shape)} {want.dtype}"
             elif mismatches := _mismatches(got, want):
@@ -114,3 +114,13 @@ class LayerPrefix:
         finally:
             self.cache[blocks] = saved
 
+
+@dataclass
+class LayerPrefix(PrefixWriter):
+    """A prefix whose cache codes are known up front: ``expected_keys``/``expected_values`` (:func:`cache_codes`)."""
+
+    expected_keys: torch.Tensor
+    expected_values: torch.Tensor
+
+    def expected(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.expected_keys[positions], self.expected_values[positions]

@@ -16,6 +16,10 @@ whatever arrangement and format that backend keeps:
   before each attention layer runs (after vLLM stored the step's K/V, before
   any query reads them) the prefix slots are overwritten with the stored K/V,
   so every position, prefix ones included, attends to the intact prefix.
+  Under TurboQuant the first prefill chunk of a request attends to the step's
+  own K/V, not to the cache, so this path cannot reach it: the plugin refuses
+  such requests (:func:`~intactkv_modifier.serving.vllm_plugin.whole_prompt_refusal`)
+  and the scheduler side stops rather than serve one plain.
 
 Every layer is proven at start: the whole prefix is written into free blocks
 through the backend's store, read back with the backend's arrangement
@@ -27,6 +31,7 @@ format that cannot be proven stops the engine with the reason.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +48,18 @@ from vllm.model_executor.layers.attention import Attention
 from intactkv_modifier.checkpoint import StoredPrefix, checkpoint_folder, read_prefix
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
 from intactkv_modifier.serving.cache_layouts import UnverifiableCacheError, layout_for
-from intactkv_modifier.serving.layer_prefix import FP8_CACHE_DTYPES, LayerPrefix, cache_codes
+from intactkv_modifier.serving.layer_prefix import FP8_CACHE_DTYPES, LayerPrefix, PrefixWriter, cache_codes
 from intactkv_modifier.serving.log import logger
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
 from intactkv_modifier.serving.paged import PrefixLoad, SlotIndices, kv_head_slice, layer_index_of, slot_indices
-from intactkv_modifier.serving.vllm_plugin import ALLOW_PLAIN_ENV, hub_access
+from intactkv_modifier.serving.turboquant import TURBOQUANT_BACKEND, turboquant_prefix
+from intactkv_modifier.serving.vllm_plugin import (
+    ALLOW_PLAIN_ENV,
+    computes_whole_prompt,
+    first_chunk_reads_step_kv,
+    hub_access,
+    whole_prompt_refusal,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -99,12 +111,13 @@ class IntactKVConnector(KVConnectorBase_V1):
                 f"IntactKV serving needs every attention layer in one KV cache group; this model has {len(groups)}"
             )
         self._block_size: int = groups[0].kv_cache_spec.block_size
+        self._cache_dtype = str(vllm_config.cache_config.cache_dtype)
         # scheduler side
         self._pending: list[PrefixLoad] = []
         self._whole_prompt: dict[str, list[int]] = {}  # request id -> its blocks, for requests vLLM computes whole
         self._block_pool: BlockPool | None = None
         # worker side
-        self._layers: dict[str, LayerPrefix] = {}
+        self._layers: dict[str, PrefixWriter] = {}
         self._kernel_block_size = 0
         self._first_write_checked = False
         self._overwrites: SlotIndices | None = None
@@ -116,7 +129,11 @@ class IntactKVConnector(KVConnectorBase_V1):
         self._block_pool = gpu_block_pool
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        if _computes_whole_prompt(request.sampling_params, request.pooling_params):
+        if computes_whole_prompt(request.sampling_params, request.pooling_params):
+            if first_chunk_reads_step_kv(self._cache_dtype) and starts_with_prefix(
+                request.prompt_token_ids, self._prefix
+            ):  # the plugin refuses these requests; one that got past it must not be served plain
+                raise RuntimeError(whole_prompt_refusal(self._cache_dtype))
             return 0, False
         window = prefix_positions_to_load(
             request.prompt_token_ids, self._prefix, num_computed_tokens, request.num_tokens
@@ -138,7 +155,7 @@ class IntactKVConnector(KVConnectorBase_V1):
         """Prefix positions that requests computing their whole prompt compute in this step."""
         computed: dict[str, int] = {}
         for new in scheduler_output.scheduled_new_reqs:
-            if _computes_whole_prompt(new.sampling_params, new.pooling_params) and starts_with_prefix(
+            if computes_whole_prompt(new.sampling_params, new.pooling_params) and starts_with_prefix(
                 new.prompt_token_ids, self._prefix
             ):
                 (ids,) = new.block_ids
@@ -203,17 +220,17 @@ class IntactKVConnector(KVConnectorBase_V1):
             raise ValueError(f"attention layers use different KV block sizes {sorted(kernel_block_sizes)}")
         (self._kernel_block_size,) = kernel_block_sizes
         self._prove_every_layer()
-        first = next(iter(self._layers.values()))
+        layouts = Counter(layer.layout.name for layer in self._layers.values())  # TurboQuant keeps 4 layers plain
         logger.info(
             "IntactKV: %d layers of a %d-token prefix from %s, KV heads %d..%d on tensor-parallel rank %d/%d, "
             "written through the attention backend's own store (%s) and read back exactly",
             len(self._layers), len(self._prefix), stored.source, heads.start, heads.stop - 1, rank, size,
-            first.layout.name,
+            "; ".join(f"{count} layers: {name}" for name, count in layouts.items()),
         )
 
     def _layer_prefix(
         self, name: str, cache: torch.Tensor, layer: Attention, stored: StoredPrefix, heads: slice
-    ) -> LayerPrefix:
+    ) -> PrefixWriter:
         """The layer's prefix rows in the model dtype, the store vLLM uses for the layer, and its cache's reader."""
         index = layer_index_of(name)
         if index >= self._config.num_layers:
@@ -227,12 +244,14 @@ class IntactKVConnector(KVConnectorBase_V1):
                 f"attention backend {backend.get_name()} of {name} stores K/V inside its attention call, so the "
                 f"stored prefix cannot be written through vLLM's own store before attention reads it. {_REMEDY}"
             )
-        layout = layout_for(backend.get_name(), getattr(layer, "isa", None))
         model_dtype = self._vllm_config.model_config.dtype
         keys, values = (
             rows[index][heads].transpose(0, 1).to(device=cache.device, dtype=model_dtype).contiguous()
             for rows in (stored.keys, stored.values)
         )
+        if backend.get_name() == TURBOQUANT_BACKEND:
+            return turboquant_prefix(name, cache, layer, keys, values)
+        layout = layout_for(backend.get_name(), getattr(layer, "isa", None))
         code_dtype = FP8_CACHE_DTYPES.get(layer.kv_cache_dtype, cache.dtype)
         key_scale, value_scale = _scale(layer, "_k_scale", name), _scale(layer, "_v_scale", name)
 
@@ -315,20 +334,6 @@ class IntactKVConnector(KVConnectorBase_V1):
     def _slots(self, loads: list[PrefixLoad]) -> SlotIndices:
         device = next(iter(self._layers.values())).cache.device
         return slot_indices(loads, self._block_size, self._kernel_block_size).to(device)
-
-
-def _computes_whole_prompt(sampling_params: Any, pooling_params: Any) -> bool:
-    """Requests that read an output at every prompt position (prompt log-probabilities, pooling), or that skip
-    vLLM's prefix cache (which makes vLLM ignore external tokens too): vLLM computes their prefix positions."""
-    if pooling_params is not None:
-        return True
-    if sampling_params is None:
-        return False
-    return (
-        sampling_params.prompt_logprobs is not None
-        or getattr(sampling_params, "prompt_logprob_token_ids", None) is not None
-        or bool(getattr(sampling_params, "skip_reading_prefix_cache", False))
-    )
 
 
 def _scale(layer: Attention, attribute: str, name: str) -> float:

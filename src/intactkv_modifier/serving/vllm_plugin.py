@@ -13,6 +13,10 @@ plugin cannot know whether the model declares IntactKV and stops vLLM with the
 reason, unless :data:`ALLOW_PLAIN_ENV` is set, which serves without IntactKV
 after a warning. LoRA adapters are refused on IntactKV checkpoints: an adapter
 on ``k_proj``/``v_proj`` changes the prefix's K/V, which the stored ones are not.
+``register`` also wraps vLLM's request validation (``InputProcessor._validate_params``):
+under a TurboQuant cache, whose first prefill chunk the connector cannot reach,
+requests that compute their whole prompt are refused with the reason
+(:func:`whole_prompt_refusal`).
 
 vLLM is imported only inside :func:`register`, so importing this module (or the
 package) never needs vLLM. vLLM's own ``VLLM_PLUGINS`` allow-list turns the
@@ -45,10 +49,14 @@ __all__ = [
     "CONNECTOR_CLASS",
     "CONNECTOR_MODULE",
     "SERVABLE_CACHE_DTYPES",
+    "TURBOQUANT_CACHE_DTYPES",
     "ConnectorDecision",
+    "computes_whole_prompt",
     "decide_connector",
+    "first_chunk_reads_step_kv",
     "hub_access",
     "register",
+    "whole_prompt_refusal",
 ]
 
 #: Set to 1 to serve a model whose config.json cannot be read as plain vLLM (with a warning) instead of failing.
@@ -56,10 +64,23 @@ ALLOW_PLAIN_ENV = "INTACTKV_ALLOW_PLAIN_SERVING"
 
 CONNECTOR_CLASS = "IntactKVConnector"
 CONNECTOR_MODULE = "intactkv_modifier.serving.vllm_connector"
+#: vLLM's TurboQuant presets: the connector writes the prefix through TurboQuant's store and proves it against the
+#: same store (bytes) and vLLM's decoder (values within the format's error), :mod:`.turboquant`.
+TURBOQUANT_CACHE_DTYPES = ("turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc")
 #: ``--kv-cache-dtype`` values whose cache the connector writes through vLLM's own store and reads back to prove
-#: it: unquantized caches hold the prefix as stored, fp8 caches its fp8 codes. vLLM's other formats (per-token-head
-#: int4/int8/fp8, nvfp4, TurboQuant, UltraQuant) keep codes IntactKV cannot read back, so they are refused.
-SERVABLE_CACHE_DTYPES = ("auto", "bfloat16", "float16", *FP8_CACHE_DTYPES)
+#: it: unquantized caches hold the prefix as stored, fp8 caches its fp8 codes, TurboQuant its packed codes. vLLM's
+#: other formats (per-token-head int4/int8/fp8, nvfp4, UltraQuant) keep codes with scales IntactKV does not read
+#: back yet, so they are refused.
+SERVABLE_CACHE_DTYPES = ("auto", "bfloat16", "float16", *FP8_CACHE_DTYPES, *TURBOQUANT_CACHE_DTYPES)
+#: Why a refused format is refused, where more can be said than "no reader".
+_REFUSAL_REASONS = {
+    f"{kind}_per_token_head": (
+        "vLLM's Triton backend keeps a float32 scale per token and head inside each slot and binds its scale views "
+        "to the first cache its store sees, so the prefix cannot be stored into a scratch cache to prove the bytes, "
+        "and IntactKV has no reader of these codes yet"
+    )
+    for kind in ("int4", "int8", "fp8")
+}
 
 _MARK = "_intactkv_wrapped"
 
@@ -116,6 +137,8 @@ def decide_connector(
             f"IntactKV: {model} carries a stored prefix K/V, but --kv-cache-dtype {kv_cache_dtype} keeps K/V in a "
             f"format IntactKV cannot write and verify (it serves {', '.join(SERVABLE_CACHE_DTYPES)})"
         )
+        if kv_cache_dtype in _REFUSAL_REASONS:
+            reason += f": {_REFUSAL_REASONS[kv_cache_dtype]}"
         if allow_plain:
             plain = f"{reason}; serving WITHOUT IntactKV because {ALLOW_PLAIN_ENV}=1."
             return ConnectorDecision(False, "WARNING", plain)
@@ -126,6 +149,11 @@ def decide_connector(
     serving = f"IntactKV: serving {model} with its stored K/V for prompts starting with {block.prefix_token_ids}"
     if kv_cache_dtype in FP8_CACHE_DTYPES:
         serving += f" (as {kv_cache_dtype} codes in the {kv_cache_dtype} KV cache, written through vLLM's own store)"
+    if first_chunk_reads_step_kv(kv_cache_dtype):
+        serving += (
+            f" (as {kv_cache_dtype} codes, written through vLLM's own store; requests for prompt log-probabilities "
+            "need skip_reading_prefix_cache=False, pooling requests are refused)"
+        )
     if block.kv_cache is not None:
         return ConnectorDecision(
             True,
@@ -136,9 +164,51 @@ def decide_connector(
     return ConnectorDecision(True, "INFO", serving)
 
 
+def computes_whole_prompt(sampling_params: Any, pooling_params: Any) -> bool:
+    """Requests vLLM computes from position 0 whatever the prefix cache holds, so prefix K/V cannot be loaded for them.
+
+    Pooling, and requests that skip reading vLLM's prefix cache: vLLM's default
+    for prompt log-probabilities, which need an output at every position. A
+    request that sets ``skip_reading_prefix_cache=False`` accepts, as with
+    vLLM's own prefix-cache hits, that positions already held (here the
+    prefix's) get no computed prompt log-probability; its prefix is loaded.
+    """
+    if pooling_params is not None:
+        return True
+    if sampling_params is None:
+        return False
+    skip = getattr(sampling_params, "skip_reading_prefix_cache", None)
+    if skip is not None:
+        return bool(skip)
+    return (
+        sampling_params.prompt_logprobs is not None
+        or getattr(sampling_params, "prompt_logprob_token_ids", None) is not None
+    )
+
+
+def first_chunk_reads_step_kv(kv_cache_dtype: str) -> bool:
+    """Whether vLLM's attention for this cache format computes a request's first prefill chunk from the step's own
+    K/V rather than from the cache (TurboQuant: flash attention on the raw keys and values), so overwriting the
+    prefix's cache slots during that chunk changes nothing the chunk reads."""
+    return kv_cache_dtype.startswith("turboquant_")
+
+
+def whole_prompt_refusal(kv_cache_dtype: str) -> str:
+    """The error for a request whose whole prompt vLLM would compute under a format the connector cannot reach."""
+    return (
+        f"IntactKV: with --kv-cache-dtype {kv_cache_dtype}, vLLM computes the first prefill chunk of a request from "
+        "the step's own keys and values, not the cache, so a request that computes its whole prompt (prompt "
+        "log-probabilities with vLLM's default skip_reading_prefix_cache, or pooling) would see the quantized "
+        "model's prefix instead of the stored one. Pass skip_reading_prefix_cache=False with prompt_logprobs (the "
+        "prefix is then loaded and positions inside it return no computed log-probability), or serve with "
+        "--kv-cache-dtype auto or fp8, or turn IntactKV off (VLLM_PLUGINS='')."
+    )
+
+
 def register() -> None:
     """Entry point of ``vllm.general_plugins``; idempotent, since vLLM calls it once per process."""
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
 
     original = EngineArgs.create_engine_config
     if getattr(original, _MARK, False):
@@ -149,8 +219,25 @@ def register() -> None:
         _configure(self)
         return original(self, *args, **kwargs)
 
+    validate = InputProcessor._validate_params
+
+    @functools.wraps(validate)
+    def validate_params(self: InputProcessor, params: Any, *args: Any, **kwargs: Any) -> Any:
+        transfer = self.vllm_config.kv_transfer_config
+        cache_dtype = str(self.vllm_config.cache_config.cache_dtype)
+        sampling, pooling = (params, None) if hasattr(params, "prompt_logprobs") else (None, params)
+        if (
+            transfer is not None
+            and transfer.kv_connector == CONNECTOR_CLASS
+            and first_chunk_reads_step_kv(cache_dtype)
+            and computes_whole_prompt(sampling, pooling)
+        ):
+            raise ValueError(whole_prompt_refusal(cache_dtype))
+        return validate(self, params, *args, **kwargs)
+
     setattr(create_engine_config, _MARK, True)
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    InputProcessor._validate_params = validate_params  # type: ignore[method-assign]
 
 
 def hub_access(vllm_config: Any) -> HubAccess:
