@@ -35,7 +35,9 @@ missing) writes ``kv_formats.{json,md}`` from all saved answers:
     python benchmarks/vllm_kv_formats.py --checkpoint CKPT --out OUT --formats int4_per_token_head
 
 A format the plugin refuses (it stops vLLM at start) is recorded as refused,
-with vLLM's message, for the plugin-on side.
+with vLLM's message, for the plugin-on side; an engine vLLM itself refuses (its
+TurboQuant backend takes no sliding-window model, Gemma 3) or whose answer
+cannot be counted is recorded as failed, with the reason, and the other rows stand.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ SIDES = {"on": True, "off": False}
 def counted_perplexity(prompt_logprobs: list[list[float | None]], count_from: int) -> float:
     """exp of the mean negative log-probability of the tokens at positions ``>= count_from``."""
     counted = [lp for row in prompt_logprobs for lp in row[count_from:]]
-    if not counted or any(lp is None or not math.isfinite(lp) for lp in counted):
-        raise ValueError(f"vLLM returned no finite log-probability for some position >= {count_from}")
+    if not counted:
+        raise ValueError(f"no window is longer than {count_from} tokens")
+    for window, row in enumerate(prompt_logprobs):
+        for position, lp in enumerate(row[count_from:], start=count_from):
+            if lp is None or not math.isfinite(lp):
+                raise ValueError(f"vLLM returned log-probability {lp} for window {window}, position {position}")
     return math.exp(-sum(counted) / len(counted))
 
 
@@ -92,13 +98,18 @@ def run_one(args: argparse.Namespace, fmt: str, side: str, windows: list[list[in
     try:
         answer = run_engine(args.serving_python or Path(sys.executable), run, timeout=args.timeout)
     except RuntimeError as error:
+        lines = str(error).splitlines()
         if side == "on" and "IntactKV" in str(error) and "--kv-cache-dtype" in str(error):
-            reason = next(line for line in str(error).splitlines() if "--kv-cache-dtype" in line)
-            return {"refused": reason.strip()}
-        raise
+            return {"refused": next(line for line in lines if "--kv-cache-dtype" in line).strip()}
+        # vLLM itself refusing the format for this model (e.g. TurboQuant and sliding windows) or failing
+        return {"failed": next((line for line in reversed(lines) if "Error:" in line), lines[-1]).strip()}
+    try:
+        perplexity = counted_perplexity(answer.results[0], args.count_from)
+    except ValueError as error:
+        return {"failed": str(error)}
     return {
         "load_seconds": answer.load_seconds,
-        "perplexity": counted_perplexity(answer.results[0], args.count_from),
+        "perplexity": perplexity,
         "greedy": answer.results[1],
         "intactkv_log": [line for line in answer.log.splitlines() if "IntactKV" in line][:3],
     }
@@ -108,7 +119,7 @@ def report(args: argparse.Namespace, engines: dict[str, dict], windows: list[lis
     reference = {side: engines.get(f"auto_{side}", {}).get("greedy") for side in SIDES}
     rows = {}
     for name, engine in sorted(engines.items()):
-        row = {key: engine[key] for key in ("refused", "perplexity", "load_seconds") if key in engine}
+        row = {key: engine[key] for key in ("refused", "failed", "perplexity", "load_seconds") if key in engine}
         for side, greedy in reference.items():
             if "greedy" in engine and greedy is not None:
                 row[f"greedy_vs_auto_plugin_{side}"] = agreement(engine["greedy"], greedy)
@@ -137,8 +148,9 @@ def markdown(result: dict) -> str:
     lines = []
     for name, row in result["engines"].items():
         fmt, side = name.rsplit("_", 1)
-        if "refused" in row:
-            lines.append(f"| {fmt} | {side} | refused: {row['refused']} | | |\n")
+        if "refused" in row or "failed" in row:
+            verdict = f"refused by the plugin: {row['refused']}" if "refused" in row else f"failed: {row['failed']}"
+            lines.append(f"| {fmt} | {side} | {verdict} | | |\n")
             continue
         cells = [
             f"{g['identical']:.2f} / {g['mean_leading_tokens']:.1f}" if (g := row.get(f"greedy_vs_auto_plugin_{s}"))

@@ -143,7 +143,7 @@ def main() -> None:
             if round_index == 0:
                 quality[name] = {"first": answer.results[0][0], "perplexity": vllm_perplexity(answer.results[1])}
 
-    n, k = args.prompts, args.top_k
+    n, k = min(args.prompts, len(rows)), args.top_k  # prompts with the prefix; the 4 without follow them
     intact, plain = (references[args.dtype][side]["next"] for side in ("intactkv", "plain"))
     result = {
         "checkpoint": str(checkpoint), "prefix_tokens": len(prefix),
