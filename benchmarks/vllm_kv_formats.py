@@ -130,7 +130,10 @@ def report(args: argparse.Namespace, engines: dict[str, dict], windows: list[lis
         "counted_positions": f"tokens at positions >= {args.count_from} of every window (queries in a later "
         f"prefill chunk than the first, whose attention reads the KV cache under every format)",
         "prompt_logprobs_request": "skip_reading_prefix_cache=False (plugin on: the prefix is loaded)",
-        "greedy": {"prompts": args.prompts, "prompt_tokens": args.prompt_length, "new_tokens": args.new_tokens},
+        "greedy": {
+            "prompts": min(args.prompts, len(windows)), "prompt_tokens": args.prompt_length,
+            "new_tokens": args.new_tokens,
+        },
         "engines": rows,
     }  # fmt: skip
 
