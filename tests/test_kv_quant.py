@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from cpu_compile import needs_vectorizing_cpu_compiler
 from tiny_models import BOS, left_pad, load, load_tokenizer, text_samples
 from tolerances import EPS32, beyond, code_step, within
 from transformers import DynamicCache
@@ -119,6 +120,7 @@ def test_packing_round_trips_with_no_wasted_bit(bits):
     assert torch.equal(unpack(packed, bits), codes)
 
 
+@needs_vectorizing_cpu_compiler
 @pytest.mark.parametrize("bits", (2, 4))
 def test_compiled_unpacking_takes_the_element_wise_form_and_gives_the_same_codes(bits):
     """Under torch.compile one-byte units unpack by a broadcast shift (fusible), eagerly by widening words."""

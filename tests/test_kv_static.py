@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_compile import needs_vectorizing_cpu_compiler
 from tiny_models import BOS, left_pad, load, load_tokenizer, text_samples
 from tolerances import relative_error, two_forwards, within
 from transformers import StaticCache
@@ -113,6 +114,7 @@ def test_the_intact_prefix_stays_bit_exact_through_decoding(tiny_model_dirs):
             assert torch.equal(store.prefix[:, :, 0], getattr(attention, buffer)[:, 0].expand(2, -1, -1))
 
 
+@needs_vectorizing_cpu_compiler
 @pytest.mark.parametrize("fused_attention", [False, True])
 def test_a_compiled_decode_step_traces_as_one_graph_and_generates_the_eager_tokens(tiny_model_dirs, fused_attention):
     """``fullgraph=True`` fails on any graph break; the fused decode attention runs only when compiled."""
