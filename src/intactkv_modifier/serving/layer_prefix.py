@@ -20,13 +20,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from intactkv_modifier.serving.cache_layouts import CacheLayout, UnverifiableCacheError
 from intactkv_modifier.serving.paged import SlotIndices
 
-__all__ = ["FP8_CACHE_DTYPES", "CacheStore", "LayerPrefix", "PrefixWriter", "cache_codes"]
+__all__ = ["FP8_CACHE_DTYPES", "CacheStore", "LayerPrefix", "PrefixWriter", "attention_store", "cache_codes"]
 
 #: ``store(keys, values, slot_mapping)``: write ``[n, heads, head_dim]`` keys and values into the layer's cache.
 CacheStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -55,6 +56,15 @@ def _fp8_order(codes: torch.Tensor) -> torch.Tensor:
     magnitude = raw & _FP8_MAGNITUDE
     return torch.where(raw & _FP8_SIGN > 0, -magnitude, magnitude)
 
+
+def attention_store(attention: Any, cache: torch.Tensor) -> CacheStore:
+    """The store vLLM writes every computed token of ``attention``'s layer with (its backend's
+    ``do_kv_cache_update``), aimed at ``cache``: the layer's own cache, or a scratch one to compare with."""
+
+    def store(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        attention.impl.do_kv_cache_update(attention, key, value, cache, slot_mapping)
+
+    return store
 
 def _mismatches(got: torch.Tensor, want: torch.Tensor) -> int:
     """Elements of ``got`` that are not ``want``'s: bit for bit, or for fp8 codes farther than one code step."""

@@ -31,7 +31,7 @@ from vllm.triton_utils import triton
 from vllm.v1.attention.ops.triton_turboquant_decode import _tq_full_dequant_kv, _use_fp8_e4b15
 
 from intactkv_modifier.serving.cache_layouts import PackedSlots, UnverifiableCacheError
-from intactkv_modifier.serving.layer_prefix import PrefixWriter
+from intactkv_modifier.serving.layer_prefix import PrefixWriter, attention_store
 from intactkv_modifier.serving.paged import SlotIndices
 
 __all__ = ["TURBOQUANT_BACKEND", "TurboQuantPrefix", "decoded_mismatch", "turboquant_prefix"]
@@ -57,9 +57,7 @@ class TurboQuantPrefix(PrefixWriter):
         count, block = positions.numel(), self.cache.shape[2]
         scratch = self.cache.new_zeros((-(-count // block), *self.cache.shape[1:]))
         slots = torch.arange(count, device=self.cache.device)
-        self.attention.impl.do_kv_cache_update(
-            self.attention, self.keys[positions], self.values[positions], scratch, slots
-        )
+        attention_store(self.attention, scratch)(self.keys[positions], self.values[positions], slots)
         return self.layout.read(scratch, slots)
 
     def verify(self, slots: SlotIndices) -> None:
@@ -121,10 +119,7 @@ def turboquant_prefix(
             f"{layout.key_bytes + layout.value_bytes}-byte slots its {impl.kv_cache_dtype} config describes"
         )
 
-    def store(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        impl.do_kv_cache_update(attention, key, value, cache, slot_mapping)
-
-    return TurboQuantPrefix(name, cache, keys, values, store, layout, attention)
+    return TurboQuantPrefix(name, cache, keys, values, attention_store(attention, cache), layout, attention)
 
 
 def decoded_mismatch(

@@ -48,7 +48,13 @@ from vllm.model_executor.layers.attention import Attention
 from intactkv_modifier.checkpoint import StoredPrefix, checkpoint_folder, read_prefix
 from intactkv_modifier.config import CONFIG_KEY, IntactKVConfig
 from intactkv_modifier.serving.cache_layouts import UnverifiableCacheError, layout_for
-from intactkv_modifier.serving.layer_prefix import FP8_CACHE_DTYPES, LayerPrefix, PrefixWriter, cache_codes
+from intactkv_modifier.serving.layer_prefix import (
+    FP8_CACHE_DTYPES,
+    LayerPrefix,
+    PrefixWriter,
+    attention_store,
+    cache_codes,
+)
 from intactkv_modifier.serving.log import logger
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
 from intactkv_modifier.serving.paged import PrefixLoad, SlotIndices, kv_head_slice, layer_index_of, slot_indices
@@ -255,9 +261,6 @@ class IntactKVConnector(KVConnectorBase_V1):
         code_dtype = FP8_CACHE_DTYPES.get(layer.kv_cache_dtype, cache.dtype)
         key_scale, value_scale = _scale(layer, "_k_scale", name), _scale(layer, "_v_scale", name)
 
-        def store(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-            layer.impl.do_kv_cache_update(layer, key, value, cache, slot_mapping)
-
         return LayerPrefix(
             name=name,
             cache=cache,
@@ -265,7 +268,7 @@ class IntactKVConnector(KVConnectorBase_V1):
             values=values,
             expected_keys=cache_codes(keys, code_dtype, key_scale),
             expected_values=cache_codes(values, code_dtype, value_scale),
-            store=store,
+            store=attention_store(layer, cache),
             layout=layout,
         )
 
