@@ -41,6 +41,7 @@ __all__ = [
     "PackedPast",
     "PackedRows",
     "attach_packed_past",
+    "attention_scaling",
     "base_attention",
     "base_implementation",
     "packed_attention",
@@ -116,6 +117,12 @@ def uses_packed_attention(config: PretrainedConfig) -> bool:
     return (getattr(config, "_attn_implementation", None) or "").startswith(_PREFIX)
 
 
+def attention_scaling(module: torch.nn.Module, kwargs: dict[str, Any]) -> float:
+    """The score scale transformers passes the attention function, or ``head_dim ** -0.5`` when it passes none."""
+    scaling = kwargs.get("scaling")
+    return module.head_dim**-0.5 if scaling is None else scaling
+
+
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -130,9 +137,7 @@ def packed_attention(
         return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the packed KV-cache attention")
-    scaling = kwargs.get("scaling")
-    scaling = module.head_dim**-0.5 if scaling is None else scaling
-    softcap = kwargs.get("softcap")
+    scaling, softcap = attention_scaling(module, kwargs), kwargs.get("softcap")
     if len(past.groups) == 1 and past.groups[0].rows is None:  # one group of all rows: no scatter, no copy
         return _attend_group(query, key, value, attention_mask, past.groups[0], scaling, softcap), None
     output = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])

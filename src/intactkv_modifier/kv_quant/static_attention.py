@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from intactkv_modifier.kv_quant.attention import STATIC_PREFIX, base_attention, register_over_base
+from intactkv_modifier.kv_quant.attention import STATIC_PREFIX, attention_scaling, base_attention, register_over_base
 
 __all__ = ["static_decode_attention", "static_implementation"]
 
@@ -44,12 +44,12 @@ def static_decode_attention(
     fused = torch.compiler.is_compiling() and query.shape[2] == 1 and not module.training
     if not fused or kwargs.get("s_aux") is not None:
         return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling")
-    scaling = module.head_dim**-0.5 if scaling is None else scaling
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).float() * scaling
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).float() * attention_scaling(module, kwargs)
     scores = (grouped * key.unsqueeze(2).float()).sum(dim=-1)  # [b, kv_heads, group, tokens]
+    # not cpu_decode's softmax form (scaled after the sum, masked with finfo.min): compiled by torch 2.13's inductor
+    # with avx2 kernels and 2 threads, that form crashed the process (a segfault in the generated kernel)
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
