@@ -64,10 +64,19 @@ def counted_perplexity(prompt_logprobs: list[list[float | None]], count_from: in
     counted = [lp for row in prompt_logprobs for lp in row[count_from:]]
     if not counted:
         raise ValueError(f"no window is longer than {count_from} tokens")
-    for window, row in enumerate(prompt_logprobs):
-        for position, lp in enumerate(row[count_from:], start=count_from):
-            if lp is None or not math.isfinite(lp):
-                raise ValueError(f"vLLM returned log-probability {lp} for window {window}, position {position}")
+    bad = [
+        (window, position, lp)
+        for window, row in enumerate(prompt_logprobs)
+        for position, lp in enumerate(row[count_from:], start=count_from)
+        if lp is None or not math.isfinite(lp)
+    ]
+    if bad:
+        kinds = sorted({repr(lp) for _, _, lp in bad})
+        raise ValueError(
+            f"vLLM returned {len(bad)} unusable log-probabilities ({', '.join(kinds)}) at positions >= {count_from}, "
+            f"in {len({w for w, _, _ in bad})} of {len(prompt_logprobs)} windows; first (window, position): "
+            f"{[(w, p) for w, p, _ in bad[:8]]}"
+        )
     return math.exp(-sum(counted) / len(counted))
 
 
@@ -105,8 +114,8 @@ def run_one(args: argparse.Namespace, fmt: str, side: str, windows: list[list[in
         return {"failed": next((line for line in reversed(lines) if "Error:" in line), lines[-1]).strip()}
     try:
         perplexity = counted_perplexity(answer.results[0], args.count_from)
-    except ValueError as error:
-        return {"failed": str(error)}
+    except ValueError as error:  # kept whole, to tell a wrong prefix from vLLM's own gaps
+        return {"failed": str(error), "prompt_logprobs": answer.results[0], "greedy": answer.results[1]}
     return {
         "load_seconds": answer.load_seconds,
         "perplexity": perplexity,

@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: keep vLLM's CUDA graphs (default eager)")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of each GPU (default vLLM's)")
     parser.add_argument("--serving-python", type=Path, default=None, help="vLLM's interpreter (default: this one)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -130,6 +131,7 @@ def main() -> None:
     engine = dict(
         model=str(checkpoint), dtype=args.dtype, max_model_len=args.length + args.new_tokens,
         tensor_parallel_size=args.tensor_parallel_size, enforce_eager=not args.cuda_graphs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     quality, speed, load = {}, {"plugin": [], "no plugin": []}, {}
     for round_index in range(args.rounds):

@@ -11,11 +11,10 @@ step() {
   timeout "$limit" "$@" > "$R/$name.log" 2>&1
   local rc=$?
   echo "$(date +%T) end $name rc=$rc" >> $R/status.txt
-  if [ $rc -ge 124 ]; then pkill -9 -f "intactkv_modifier.eval.vllm_runs" 2>/dev/null; fi  # an engine a timed-out step left
 }
 monitor() {
   while true; do
-    { date +%T; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+    { date +%T; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader; uptime
       ps -eo etimes,pcpu,args --sort=-pcpu | grep -E "vllm_runs|vllm_serving|kv_cache_speed|kv_formats|pytest|quantize" | grep -v grep | head -4 | cut -c1-150
     } >> $R/monitor.txt
     sleep 30
@@ -31,23 +30,24 @@ QUANTIZE=$!
 [ -f $GEMMA/config.json ] || CUDA_VISIBLE_DEVICES=1 step quantize_gemma 300 python3 $G/quantize.py outputs/gemma-3-270m $G/gemma_gptq_w4.yaml $GEMMA $G/gemma_windows.pt 32 256
 wait $QUANTIZE
 SERVE="python3 benchmarks/vllm_serving.py --cuda-graphs --repeats 3 --throughput-prompts 64 --new-tokens 128"
-# both GPUs first: tensor parallel 2 (SmolLM2's 9 attention heads do not split over 2 ranks; vLLM refuses it)
-export CUDA_VISIBLE_DEVICES=0,1
-step gemma_tp2 480 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 1 --tensor-parallel-size 2 --out $R/gemma
-step tp2_tests 420 python3 -m pytest -p no:cacheprovider -q -rA -m gpu -k tensor_parallel tests/test_vllm_engine.py
-# then GPU 1: vLLM's KV formats in two engine streams (30 % of the card each), then the backend tests
+# GPU 1, three streams of quality runs (30 % and 2 x 20 % of the card): the TurboQuant engine tests, then Gemma 3's
+# unquantized-cache pair (the last session's non-finite log-probability); vLLM's KV formats on SmolLM2 in two halves
 ( export CUDA_VISIBLE_DEVICES=1
-  step kv_formats_a 720 bash $G/kv_formats.sh $GEMMA $R/kv_formats auto turboquant_k8v4 turboquant_k3v4_nc ) &
+  step tq_tests 480 python3 -m pytest -p no:cacheprovider -q -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py
+  step kv_formats_gemma_auto 300 bash $G/kv_formats.sh $GEMMA $G/gemma_windows.pt $R/kv_formats_gemma auto ) &
 STREAM_A=$!
-( export CUDA_VISIBLE_DEVICES=1; sleep 45
-  step kv_formats_b 720 bash $G/kv_formats.sh $GEMMA $R/kv_formats turboquant_4bit_nc int4_per_token_head
-  step gpu_serving_tests 540 python3 -m pytest -p no:cacheprovider -q -rA -k "backends or turboquant or whole_prompt" tests/test_vllm_engine.py ) &
-# and GPU 0: the throughput runs alone on their card, then issue 23's rows
+( export CUDA_VISIBLE_DEVICES=1; sleep 20
+  step kv_formats_a 660 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats auto turboquant_k8v4 turboquant_k3v4_nc ) &
+STREAM_B=$!
+( export CUDA_VISIBLE_DEVICES=1; sleep 50
+  step kv_formats_b 660 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats turboquant_4bit_nc int4_per_token_head ) &
+STREAM_C=$!
+# GPU 0: Gemma 3 at tensor parallel 1, then 2 (both cards, 20 % of each), then issue 23's rows
 export CUDA_VISIBLE_DEVICES=0
-step smol_tp1 600 $SERVE --checkpoint $SMOL --windows-file $G/smollm2_windows.pt --windows 16 --rounds 2 --out $R/smol
-step gemma_tp1 480 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 1 --out $R/gemma
-step kv_speed 600 bash $G/kv_speed.sh $R/kv_speed
-wait $STREAM_A $STREAM_B
-step kv_formats_table 120 bash $G/kv_formats.sh $GEMMA $R/kv_formats
+step gemma_tp1 480 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 2 --out $R/gemma
+CUDA_VISIBLE_DEVICES=0,1 step gemma_tp2 420 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 2 --tensor-parallel-size 2 --gpu-memory-utilization 0.2 --out $R/gemma
+step kv_speed 540 bash $G/kv_speed.sh $R/kv_speed
+wait $STREAM_A $STREAM_B $STREAM_C
+step kv_formats_table 120 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats
 echo "$(date +%T) pipeline done" >> $R/status.txt
 kill $MONITOR
