@@ -1,6 +1,7 @@
 #!/bin/bash
 # GPU machine (2 GPUs), started detached (setsid) after install.sh: the measurements in priority order.
-# Logs, results and a status line per step under /tmp/res; collect.sh packs them into $OUT.
+# Logs, results and a status line per step under /tmp/res; collect.sh packs them into $OUT. The device gives the
+# machine back 30 s after a call ends, whatever runs on it: keep a collect.sh call in flight until the end.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
 R=/tmp/res
@@ -30,24 +31,19 @@ QUANTIZE=$!
 [ -f $GEMMA/config.json ] || CUDA_VISIBLE_DEVICES=1 step quantize_gemma 300 python3 $G/quantize.py outputs/gemma-3-270m $G/gemma_gptq_w4.yaml $GEMMA $G/gemma_windows.pt 32 256
 wait $QUANTIZE
 SERVE="python3 benchmarks/vllm_serving.py --cuda-graphs --repeats 3 --throughput-prompts 64 --new-tokens 128"
-# GPU 1, three streams of quality runs (30 % and 2 x 20 % of the card): the TurboQuant engine tests, then Gemma 3's
-# unquantized-cache pair (the last session's non-finite log-probability); vLLM's KV formats on SmolLM2 in two halves
+# One engine at a time per GPU: vLLM's start-up memory profiling fails when another process on the same GPU frees
+# memory meanwhile (2026-11-28: tensor parallel 2 and two TurboQuant engines did not start beside other engines).
+# GPU 1: the TurboQuant engine tests, then vLLM's KV formats on SmolLM2 (vLLM 0.26 refuses TurboQuant for Gemma 3)
 ( export CUDA_VISIBLE_DEVICES=1
   step tq_tests 480 python3 -m pytest -p no:cacheprovider -q -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py
-  step kv_formats_gemma_auto 300 bash $G/kv_formats.sh $GEMMA $G/gemma_windows.pt $R/kv_formats_gemma auto ) &
-STREAM_A=$!
-( export CUDA_VISIBLE_DEVICES=1; sleep 20
-  step kv_formats_a 660 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats auto turboquant_k8v4 turboquant_k3v4_nc ) &
-STREAM_B=$!
-( export CUDA_VISIBLE_DEVICES=1; sleep 50
-  step kv_formats_b 660 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats turboquant_4bit_nc int4_per_token_head ) &
-STREAM_C=$!
-# GPU 0: Gemma 3 at tensor parallel 1, then 2 (both cards, 20 % of each), then issue 23's rows
+  step kv_formats 900 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats auto turboquant_k8v4 turboquant_k3v4_nc turboquant_4bit_nc int4_per_token_head ) &
+STREAM=$!
+# GPU 0: Gemma 3 at tensor parallel 1 (half the card: the transformers references stay on it), then issue 23's rows
 export CUDA_VISIBLE_DEVICES=0
-step gemma_tp1 480 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 2 --out $R/gemma
-CUDA_VISIBLE_DEVICES=0,1 step gemma_tp2 420 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 2 --tensor-parallel-size 2 --gpu-memory-utilization 0.2 --out $R/gemma
+step gemma_tp1 480 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 2 --gpu-memory-utilization 0.5 --out $R/gemma
 step kv_speed 540 bash $G/kv_speed.sh $R/kv_speed
-wait $STREAM_A $STREAM_B $STREAM_C
-step kv_formats_table 120 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats
+wait $STREAM
+# both GPUs, quiet: tensor parallel 2 (SmolLM2's 9 attention heads do not split over 2 ranks; vLLM refuses it)
+CUDA_VISIBLE_DEVICES=0,1 step gemma_tp2 480 $SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --rounds 2 --tensor-parallel-size 2 --gpu-memory-utilization 0.5 --out $R/gemma
 echo "$(date +%T) pipeline done" >> $R/status.txt
 kill $MONITOR
