@@ -279,7 +279,9 @@ def _module():
     if os.environ.get("INTACTKV_CPU_KERNEL", "1") == "0":
         return None
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp-simd"] + _ISA_FLAGS.get(capability, [])
+    # -fopenmp: at::parallel_for is inline, over OpenMP in torch's builds; without it the loop runs on one
+    # thread (as inductor's C++ kernels, linked against the libgomp torch loads)
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + _ISA_FLAGS.get(capability, [])
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -288,6 +290,7 @@ def _module():
             cpp_sources=_SOURCE,
             functions=["key_scores", "value_sums"],
             extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
         )
     except Exception as error:  # noqa: BLE001 (no compiler or ninja: the torch path is the fallback)
         logger.warning(f"KV cache: the CPU decode loop could not be built, decoding uses torch ops: {error!r:.300}")
