@@ -28,7 +28,7 @@ from loguru import logger
 
 from intactkv_modifier.kv_quant.quantizer import QuantizedTensor
 
-__all__ = ["key_scores", "kernel_ready", "value_sums"]
+__all__ = ["built", "key_scores", "kernel_ready", "value_sums"]
 
 _BITS = (2, 4, 8)
 #: head dims the loop is instantiated for (a compile-time length lets the compiler unroll it)
@@ -226,8 +226,13 @@ def kernel_ready(dtype: torch.dtype, tensor: QuantizedTensor, dim: int) -> bool:
         and dim in _DIMS
         and settings.bits in _BITS
         and (settings.granularity == "per_channel" or settings.group_size % codes_per_byte == 0)
-        and _module() is not None
+        and built()
     )
+
+
+def built() -> bool:
+    """Whether the loop is built here (building it on the first call)."""
+    return _module() is not None
 
 
 def key_scores(query: torch.Tensor, tensor: QuantizedTensor) -> torch.Tensor:
