@@ -37,6 +37,7 @@ _DIMS = (32, 64, 128, 256)
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -110,7 +111,8 @@ struct Rows {
 
 Rows rows_of(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum, int64_t group,
              bool per_channel) {
-  // [batch * heads] flattened by the caller; rows (axis 1) of codes and statistics are contiguous
+  // [batch * heads] flattened by the caller; rows (axis 1) of codes and statistics are contiguous, and the
+  // minimums strided as the scales
   return Rows{codes.data_ptr<uint8_t>(), codes.stride(0), codes.stride(1), scale.data_ptr<float>(),
               minimum.data_ptr<float>(), scale.stride(0), scale.stride(1), group, per_channel};
 }
@@ -250,12 +252,16 @@ def value_sums(probs: torch.Tensor, tensor: QuantizedTensor, dim: int) -> torch.
 
 
 def _flat(tensor: QuantizedTensor) -> tuple:
-    """The arguments describing ``tensor`` to the loop: batch and heads flattened, rows contiguous."""
+    """The arguments describing ``tensor`` to the loop: batch and heads flattened, rows contiguous, the minimums
+    strided as the scales (the loop reads both with the scales' strides)."""
     settings = tensor.settings
+    scale, minimum = _rows_contiguous(tensor.scale), _rows_contiguous(tensor.minimum)
+    if scale.stride() != minimum.stride():
+        scale, minimum = scale.contiguous(), minimum.contiguous()
     return (
         _rows_contiguous(tensor.codes).flatten(0, 1),
-        _rows_contiguous(tensor.scale).flatten(0, 1),
-        _rows_contiguous(tensor.minimum).flatten(0, 1),
+        scale.flatten(0, 1),
+        minimum.flatten(0, 1),
         settings.bits,
         settings.group_size,
         settings.granularity == "per_channel",
