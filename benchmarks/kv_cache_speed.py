@@ -77,6 +77,7 @@ from intactkv_modifier.kv_quant import (
     KeyFavoredQuantizedCache,
     KVQuantSettings,
     StaticKeyFavoredQuantizedCache,
+    cpu_kernel,
     static_implementation,
 )
 from intactkv_modifier.kv_quant.attention import packed_implementation
@@ -424,7 +425,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"context (budget batch: "
         f"{result['budget_steps']} tokens, {result['budget_rounds']} round(s)); bandwidth limit: "
         f"{_optional(result['bandwidth_gbs'] or None, '.0f')} GB/s; Triton decode kernel "
-        f"{'on' if result['decode_kernel'] else 'off (torch ops)'} for ours packed; groups of {result['group_size']}, "
+        f"{'on' if result['decode_kernel'] else 'off'} and CPU decode loop (`cpu_kernel`) "
+        f"{'on' if result['cpu_decode_loop'] else 'off'} for ours packed (torch ops where both are off); "
+        f"groups of {result['group_size']}, "
         f"residual {result['residual_length']} tokens for every quantized cache (transformers' quantizes keys and "
         f"values per channel groups along head_dim, axis 0).",
     ]
@@ -548,6 +551,7 @@ def main() -> None:
         "windows_file": args.windows_file and str(args.windows_file), "length": args.length, "prefill": args.prefill,
         "chunk": args.chunk, "versions": versions(),
         "decode_kernel": kernel_available(torch.device(args.device)),
+        "cpu_decode_loop": args.device == "cpu" and cpu_kernel.built(),
     }
     result["speed"], result["perplexity"] = [], []
     for rows in ([] if args.skip_speed else speed_rows(args, kinds)):

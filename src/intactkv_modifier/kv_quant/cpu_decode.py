@@ -7,6 +7,8 @@ scored and summed on its own, per-group batched products of a few columns each, 
 softmax made to be cut into blocks. For one query token per row this path instead
 
 * concatenates the exact tokens (prefix, residual, new token) and attends them with one product each way;
+* reads the quantized tokens through a compiled loop that widens one token at a time where it is built
+  (:mod:`~intactkv_modifier.kv_quant.cpu_kernel`); else
 * widens the quantized tokens a chunk at a time (at most :data:`~intactkv_modifier.kv_quant.packed_ops.CHUNK_ELEMENTS`
   elements, as on the general path: the transient memory is that of the widened codes either way) straight to
   their values, ``code * scale + minimum`` (:func:`~intactkv_modifier.kv_quant.quantizer.dequantize`), and
@@ -31,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from intactkv_modifier.kv_quant import cpu_kernel
 from intactkv_modifier.kv_quant.packed_ops import token_chunks
 from intactkv_modifier.kv_quant.quantizer import dequantize
 from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment, quantized_layout
@@ -65,17 +68,34 @@ def cpu_decode(
     exact_values = torch.cat([*(s for s in values if not isinstance(s, QuantizedSegment)), new_values], dim=2)
     scores = folded @ exact_keys.transpose(-1, -2)
     if quantized_keys is not None:
-        quantized_scores = [folded @ chunk.transpose(-1, -2) for chunk in _attended_chunks(quantized_keys, query.dtype)]
-        scores = torch.cat([scores, *quantized_scores], dim=-1)
+        scores = torch.cat([scores, *_quantized_scores(folded, quantized_keys)], dim=-1)
         mask = None if mask is None else _exact_columns_first(mask, before, quantized_keys.num_tokens)
     probs = _softmax(scores, mask, scaling, softcap).to(query.dtype)
     exact = exact_keys.shape[2]
     output = probs[..., :exact] @ exact_values
     if quantized_values is not None:
-        for chunk in _attended_chunks(quantized_values, query.dtype):
-            output = output + probs[..., exact : exact + chunk.shape[2]] @ chunk
-            exact += chunk.shape[2]
+        output = output + _quantized_sums(probs[..., exact:], quantized_values, exact_values.shape[-1])
     return output.unsqueeze(3)
+
+
+def _quantized_scores(folded: torch.Tensor, segment: QuantizedSegment) -> list[torch.Tensor]:
+    """Scores of the segment's attended tokens, in order: from the compiled loop, else chunk by chunk."""
+    if cpu_kernel.kernel_ready(folded.dtype, segment.tensor, folded.shape[-1]):
+        return [cpu_kernel.key_scores(folded, segment.tensor)[..., segment.skip : segment.skip + segment.num_tokens]]
+    return [folded @ chunk.transpose(-1, -2) for chunk in _attended_chunks(segment, folded.dtype)]
+
+
+def _quantized_sums(probs: torch.Tensor, segment: QuantizedSegment, dim: int) -> torch.Tensor:
+    """``probs`` (one column per attended token) times the segment's values."""
+    if cpu_kernel.kernel_ready(probs.dtype, segment.tensor, dim):
+        weights = torch.nn.functional.pad(probs, (segment.skip, segment.tail))  # tokens not attended weigh nothing
+        return cpu_kernel.value_sums(weights, segment.tensor, dim)
+    output, begin = None, 0
+    for chunk in _attended_chunks(segment, probs.dtype):
+        part = probs[..., begin : begin + chunk.shape[2]] @ chunk
+        output = part if output is None else output + part
+        begin += chunk.shape[2]
+    return output
 
 
 def _attended_chunks(segment: QuantizedSegment, dtype: torch.dtype) -> Iterator[torch.Tensor]:
