@@ -293,7 +293,7 @@ def _module():
     # -fopenmp: at::parallel_for is inline, over OpenMP in torch's builds; without it the loop runs on one
     # thread (as inductor's C++ kernels, linked against the libgomp torch loads)
     flags = ["-O3", "-ffp-contract=off", "-fopenmp"] + _ISA_FLAGS.get(capability, [])
-    logger.info("KV cache: building the CPU decode loop (once per CPU capability, about 30 s; cached after)")
+    logger.info("KV cache: loading the CPU decode loop (built once per CPU capability, about 30 s)")
     try:
         from torch.utils.cpp_extension import load_inline
 
