@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -53,31 +52,10 @@ from transformers import AutoTokenizer
 from intactkv_modifier.checkpoint import read_config_block
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import saved_windows, token_windows
-from intactkv_modifier.eval.vllm_runs import EngineRun, GreedyJob, PromptLogprobsJob, run_engine
+from intactkv_modifier.eval.vllm_runs import EngineRun, GreedyJob, PromptLogprobsJob, prompt_perplexity, run_engine
 
 FORMATS = ("auto", "turboquant_k8v4", "turboquant_k3v4_nc", "turboquant_4bit_nc", "int4_per_token_head")
 SIDES = {"on": True, "off": False}
-
-
-def counted_perplexity(prompt_logprobs: list[list[float | None]], count_from: int) -> float:
-    """exp of the mean negative log-probability of the tokens at positions ``>= count_from``."""
-    counted = [lp for row in prompt_logprobs for lp in row[count_from:]]
-    if not counted:
-        raise ValueError(f"no window is longer than {count_from} tokens")
-    bad = [
-        (window, position, lp)
-        for window, row in enumerate(prompt_logprobs)
-        for position, lp in enumerate(row[count_from:], start=count_from)
-        if lp is None or not math.isfinite(lp)
-    ]
-    if bad:
-        kinds = sorted({repr(lp) for _, _, lp in bad})
-        raise ValueError(
-            f"vLLM returned {len(bad)} unusable log-probabilities ({', '.join(kinds)}) at positions >= {count_from}, "
-            f"in {len({w for w, _, _ in bad})} of {len(prompt_logprobs)} windows; first (window, position): "
-            f"{[(w, p) for w, p, _ in bad[:8]]}"
-        )
-    return math.exp(-sum(counted) / len(counted))
 
 
 def agreement(got: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
@@ -113,7 +91,7 @@ def run_one(args: argparse.Namespace, fmt: str, side: str, windows: list[list[in
         # vLLM itself refusing the format for this model (e.g. TurboQuant and sliding windows) or failing
         return {"failed": next((line for line in reversed(lines) if "Error:" in line), lines[-1]).strip()}
     try:
-        perplexity = counted_perplexity(answer.results[0], args.count_from)
+        perplexity = prompt_perplexity(answer.results[0], args.count_from)
     except ValueError as error:  # kept whole, to tell a wrong prefix from vLLM's own gaps
         return {"failed": str(error), "prompt_logprobs": answer.results[0], "greedy": answer.results[1]}
     return {

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -44,6 +43,7 @@ from intactkv_modifier.eval.vllm_runs import (
     FirstTokenJob,
     PromptLogprobsJob,
     ThroughputJob,
+    prompt_perplexity,
     run_engine,
 )
 
@@ -64,13 +64,6 @@ def transformers_rows(checkpoint: Path, windows: torch.Tensor, prompts: list[lis
 def next_token(model: torch.nn.Module, prompts: list[list[int]]) -> list[torch.Tensor]:
     device = model.get_input_embeddings().weight.device
     return [model(torch.tensor([p], device=device)).logits[0, -1].float().log_softmax(-1).cpu() for p in prompts]
-
-
-def vllm_perplexity(prompt_logprobs: list[list[float | None]]) -> float:
-    scored = [lp for row in prompt_logprobs for lp in row[1:]]
-    if any(lp is None for lp in scored):
-        raise ValueError("vLLM returned no log-probability for some predicted position")
-    return math.exp(-sum(scored) / len(scored))
 
 
 def largest_gap(served: list[dict[str, float]], reference: list[torch.Tensor], top_k: int) -> float:
@@ -143,7 +136,7 @@ def main() -> None:
             speed[name] += answer.results[-1]
             load.setdefault(name, answer.load_seconds)
             if round_index == 0:
-                quality[name] = {"first": answer.results[0][0], "perplexity": vllm_perplexity(answer.results[1])}
+                quality[name] = {"first": answer.results[0][0], "perplexity": prompt_perplexity(answer.results[1])}
 
     n, k = min(args.prompts, len(rows)), args.top_k  # prompts with the prefix; the 4 without follow them
     intact, plain = (references[args.dtype][side]["next"] for side in ("intactkv", "plain"))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import pytest
 
-from intactkv_modifier.eval.vllm_runs import prompt_token_logprobs
+from intactkv_modifier.eval.vllm_runs import prompt_perplexity, prompt_token_logprobs
 
 
 class Logprob(NamedTuple):
@@ -51,3 +52,13 @@ def test_entries_that_do_not_line_up_with_the_prompt_stop_the_run():
         prompt_token_logprobs(PROMPT, [None] * 7, cached_tokens=0)
     with pytest.raises(RuntimeError, match="num_cached_tokens"):
         prompt_token_logprobs(PROMPT, [None] * 6, cached_tokens=None)
+
+
+def test_perplexity_counts_the_positions_asked_and_says_where_a_value_is_missing():
+    rows = [[None, -1.0, -2.0, -3.0], [None, -0.5, -1.5, -2.5]]
+    assert math.isclose(prompt_perplexity(rows), math.exp((1 + 2 + 3 + 0.5 + 1.5 + 2.5) / 6))
+    assert math.isclose(prompt_perplexity(rows, count_from=3), math.exp((3 + 2.5) / 2))
+    with pytest.raises(ValueError, match=r"1 unusable log-probabilities \(None\).*\[\(1, 2\)\]"):
+        prompt_perplexity([rows[0], [None, -0.5, None, -2.5]])
+    with pytest.raises(ValueError, match="no window is longer than 4 tokens"):
+        prompt_perplexity(rows, count_from=4)

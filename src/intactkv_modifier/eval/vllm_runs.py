@@ -12,6 +12,7 @@ answer. Prompts are token ids, so both sides see exactly the same tokens.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ __all__ = [
     "GreedyJob",
     "PromptLogprobsJob",
     "ThroughputJob",
+    "prompt_perplexity",
+    "prompt_token_logprobs",
     "run_engine",
 ]
 
@@ -224,6 +227,28 @@ def prompt_token_logprobs(prompt: TokenIds, entries: list, cached_tokens: int | 
             )
         values.append(entry[token].logprob)
     return values
+
+
+def prompt_perplexity(prompt_logprobs: list[list[float | None]], count_from: int = 1) -> float:
+    """exp of the mean negative log-probability of the tokens at positions ``>= count_from`` of every prompt
+    (``PromptLogprobsJob``'s result); a missing or non-finite value there is an error that says where."""
+    counted = [lp for row in prompt_logprobs for lp in row[count_from:]]
+    if not counted:
+        raise ValueError(f"no window is longer than {count_from} tokens")
+    bad = [
+        (window, position, lp)
+        for window, row in enumerate(prompt_logprobs)
+        for position, lp in enumerate(row[count_from:], start=count_from)
+        if lp is None or not math.isfinite(lp)
+    ]
+    if bad:
+        kinds = sorted({repr(lp) for _, _, lp in bad})
+        raise ValueError(
+            f"vLLM returned {len(bad)} unusable log-probabilities ({', '.join(kinds)}) at positions >= {count_from}, "
+            f"in {len({w for w, _, _ in bad})} of {len(prompt_logprobs)} windows; first (window, position): "
+            f"{[(w, p) for w, p, _ in bad[:8]]}"
+        )
+    return math.exp(-sum(counted) / len(counted))
 
 
 def _tokens_per_second(generate: Callable[[], list]) -> float:
