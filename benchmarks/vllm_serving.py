@@ -16,7 +16,10 @@ saved windows of a transformers table):
 
 Runs where vLLM runs: on a CPU machine through the serving environment
 (``scripts/serving_setup.sh``, ``--serving-python``), on a GPU with vLLM in this
-environment. Writes ``vllm_serving[_tpN].{json,md}`` under ``--out``:
+environment. Writes ``vllm_serving[_tpN].{json,md}`` under ``--out``, again after
+every engine; each engine's answer is saved under ``vllm_serving[_tpN]_engines/``
+and reused by a later run with the very same settings, so a run cut short (a
+device's time limit) resumes where it stopped:
 
     python benchmarks/vllm_serving.py --checkpoint outputs/smollm2-gptq-w4g64 \
         --serving-python .venv-serving/bin/python --out benchmarks/results/cpu/smollm2-135m-instruct
@@ -39,6 +42,7 @@ from intactkv_modifier.checkpoint import read_config_block
 from intactkv_modifier.eval.corpus import load_corpus_text
 from intactkv_modifier.eval.perplexity import perplexity, saved_windows, token_windows
 from intactkv_modifier.eval.vllm_runs import (
+    EngineAnswer,
     EngineRun,
     FirstTokenJob,
     PromptLogprobsJob,
@@ -125,22 +129,58 @@ def main() -> None:
         model=str(checkpoint), dtype=args.dtype, max_model_len=args.length + args.new_tokens,
         tensor_parallel_size=args.tensor_parallel_size, enforce_eager=not args.cuda_graphs,
         gpu_memory_utilization=args.gpu_memory_utilization,
-    )
-    quality, speed, load = {}, {"plugin": [], "no plugin": []}, {}
+    )  # fmt: skip
+    stem = "vllm_serving" if args.tensor_parallel_size == 1 else f"vllm_serving_tp{args.tensor_parallel_size}"
+    saved = args.out / f"{stem}_engines"
+    saved.mkdir(parents=True, exist_ok=True)
+    answers: dict[str, list[EngineAnswer]] = {"plugin": [], "no plugin": []}
     for round_index in range(args.rounds):
         for name in ("plugin", "no plugin") if round_index % 2 == 0 else ("no plugin", "plugin"):
             jobs = [ThroughputJob(prompts=throughput_prompts, new_tokens=args.new_tokens, repeats=args.repeats)]
             if round_index == 0:
                 jobs = [FirstTokenJob(prompts=parity, top=max(20, args.top_k)), PromptLogprobsJob(prompts=rows), *jobs]
-            answer = run_engine(python, EngineRun(plugin=name == "plugin", jobs=jobs, **engine), timeout=1800)
-            speed[name] += answer.results[-1]
-            load.setdefault(name, answer.load_seconds)
-            if round_index == 0:
-                quality[name] = {"first": answer.results[0][0], "perplexity": prompt_perplexity(answer.results[1])}
+            run = EngineRun(plugin=name == "plugin", jobs=jobs, **engine)
+            path = saved / f"round{round_index}_{name.replace(' ', '_')}.json"
+            answers[name].append(saved_or_run(path, run, python))
+            if round_index == 0 and name == "plugin" and not answers["no plugin"]:
+                continue  # the report needs both engines of the first round
+            result = summarize(args, checkpoint, prefix, windows, references, answers, len(throughput_prompts))
+            (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+            (args.out / f"{stem}.md").write_text(markdown(result, min(args.prompts, len(rows)), args.top_k))
+    print((args.out / f"{stem}.md").read_text())
 
-    n, k = min(args.prompts, len(rows)), args.top_k  # prompts with the prefix; the 4 without follow them
+
+def saved_or_run(path: Path, run: EngineRun, python: Path) -> EngineAnswer:
+    """One engine's answer, saved as soon as it returns: a run cut short (a device's time limit) resumes from the
+    engines it finished. A saved answer is reused only for the very same run (model, settings, prompts)."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if EngineRun.model_validate(stored["run"]) != run:
+            raise SystemExit(f"{path} holds the answer of a different run (other settings or prompts): delete it")
+        return EngineAnswer.model_validate(stored["answer"])
+    answer = run_engine(python, run, timeout=1800)
+    path.write_text(json.dumps({"run": run.model_dump(mode="json"), "answer": answer.model_dump(mode="json")}) + "\n")
+    return answer
+
+
+def summarize(
+    args: argparse.Namespace,
+    checkpoint: Path,
+    prefix: list[int],
+    windows: torch.Tensor,
+    references: dict[str, dict],
+    answers: dict[str, list[EngineAnswer]],
+    throughput_prompts: int,
+) -> dict:
+    """The report over the engines finished so far (the first round's pair gives quality, every engine speed)."""
+    n, k = min(args.prompts, windows.shape[0]), args.top_k  # prompts with the prefix; the 4 without follow them
     intact, plain = (references[args.dtype][side]["next"] for side in ("intactkv", "plain"))
-    result = {
+    quality = {
+        name: {"first": runs[0].results[0][0], "perplexity": prompt_perplexity(runs[0].results[1])}
+        for name, runs in answers.items()
+    }
+    speed = {name: [value for run in runs for value in run.results[-1]] for name, runs in answers.items()}
+    return {
         "checkpoint": str(checkpoint), "prefix_tokens": len(prefix),
         "windows": windows.shape[0], "window_length": windows.shape[1], "dtype": args.dtype,
         "positions_counted": "every predicted token of every window (positions 1..L-1), as eval.perplexity",
@@ -159,18 +199,14 @@ def main() -> None:
             for name, q in quality.items()
         },
         "throughput": {
-            "prompts": len(throughput_prompts), "prompt_tokens": args.prompt_length, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "tokens_per_s": speed,
+            "prompts": throughput_prompts, "prompt_tokens": args.prompt_length, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "engines": {name: len(runs) for name, runs in answers.items()},
+            "tokens_per_s": speed,
             "median_ratio_plugin_over_no_plugin": statistics.median(speed["plugin"])
             / statistics.median(speed["no plugin"]),
         },
-        "load_seconds": load,
+        "load_seconds": {name: [run.load_seconds for run in runs] for name, runs in answers.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "vllm_serving" if args.tensor_parallel_size == 1 else f"vllm_serving_tp{args.tensor_parallel_size}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result, n, k))
-    print(markdown(result, n, k))
 
 
 def markdown(result: dict, prompts: int, top_k: int) -> str:
@@ -198,7 +234,8 @@ def markdown(result: dict, prompts: int, top_k: int) -> str:
             for name, p in parity.items()
         )
         + f"\nDecode throughput ({speed['prompts']} prompts of {speed['prompt_tokens']} tokens, {speed['new_tokens']} "
-        f"new tokens each; engines alternated, {speed['repeats']} measurements in each): plugin "
+        f"new tokens each; {speed['engines']['plugin']} + {speed['engines']['no plugin']} engines alternated, "
+        f"{speed['repeats']} measurements in each): plugin "
         f"{', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['plugin'])} tokens/s, no plugin "
         f"{', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['no plugin'])}; median plugin / median no plugin "
         f"{speed['median_ratio_plugin_over_no_plugin']:.3f}.\n"
