@@ -1,4 +1,7 @@
-"""Growing buffers of the quantized region: the same tokens as concatenation, bounded copies and bounded room."""
+"""Growing buffers of the quantized region: the same tokens as concatenation, bounded copies and bounded room.
+
+A stream's segments, kept from one read to the next: always those of a stream built anew.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import torch
 
 from intactkv_modifier.kv_quant import TensorQuantSettings, quantize
 from intactkv_modifier.kv_quant.storage import GROWTH, MIN_ROOM_TOKENS, GrowingTensor, QuantizedStore
+from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment, TokenStream
 
 
 def test_appends_and_forgetting_hold_the_tokens_concatenation_would():
@@ -49,3 +53,41 @@ def test_quantized_store_forgets_whole_groups_and_reads_back_its_tokens():
     assert torch.equal(held.scale, torch.cat([b.scale for b in blocks], dim=2)[:, :, 1:])
     with pytest.raises(ValueError, match="cannot drop 4 tokens"):
         store.drop_leading(4)
+
+
+def _same_segments(actual: list[Segment], expected: list[Segment]) -> bool:
+    if len(actual) != len(expected):
+        return False
+    for a, e in zip(actual, expected):
+        if isinstance(a, QuantizedSegment) != isinstance(e, QuantizedSegment):
+            return False
+        if isinstance(a, QuantizedSegment) and isinstance(e, QuantizedSegment):
+            tensors = [
+                (a.tensor.codes, e.tensor.codes),
+                (a.tensor.scale, e.tensor.scale),
+                (a.tensor.minimum, e.tensor.minimum),
+            ]
+            if (a.skip, a.tail) != (e.skip, e.tail) or not all(torch.equal(x, y) for x, y in tensors):
+                return False
+        elif not torch.equal(a, e):
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("window", "read_window"), [(None, False), (20, False), (20, True)])
+def test_segments_kept_between_reads_are_those_of_a_fresh_stream(window, read_window):
+    """Read after every append (the prefix filling, blocks quantized, a window forgetting, rows reordered), from
+    the window's start as a layer reads, or from slot 0 at every step, which keeps them from the step before."""
+    settings = TensorQuantSettings(bits=4, granularity="per_channel", group_size=8)
+    stream = TokenStream(settings, residual_length=4, prefix_length=3)
+    torch.manual_seed(0)
+    length = 0
+    for step, tokens in enumerate([2, 1, 9, *[1] * 30, 17, *[1] * 20]):
+        if step == 40:
+            stream = stream.select_rows(torch.tensor([1, 0]))
+        length += tokens
+        keep_from = 0 if window is None else max(0, length - window + 1)
+        stream.append(torch.randn(2, 2, tokens, 8), keep_from)
+        start = keep_from if read_window else 0
+        assert _same_segments(stream.segments(start), stream.select_rows(torch.arange(2)).segments(start))
+    assert stream.quantized_tokens > 0

@@ -136,6 +136,9 @@ class TokenStream:
         self.quantized: QuantizedStore | None = None
         self.quantized_start = prefix_length
         self.residual: torch.Tensor | None = None
+        # (start, segments) of the prefix and the quantized region: read at every decode step of every layer,
+        # rebuilt only when a start or what they hold changes
+        self._stored: tuple[int, list[Segment]] | None = None
 
     @property
     def quantized_tokens(self) -> int:
@@ -150,19 +153,27 @@ class TokenStream:
 
     def segments(self, start: int = 0) -> list[Segment]:
         """The stored tokens from slot ``start`` on, oldest first, as stored (nothing dequantized)."""
+        if self._stored is None or self._stored[0] != start:
+            self._stored = start, self._prefix_and_quantized(start)
+        parts = list(self._stored[1])
+        if self.residual is not None:
+            skip = max(0, start - (self.length - self.residual.shape[2]))
+            if skip < self.residual.shape[2]:
+                parts.append(self.residual[:, :, skip:] if skip else self.residual)
+        return parts
+
+    def _prefix_and_quantized(self, start: int) -> list[Segment]:
+        """The non-empty prefix and quantized segments from slot ``start`` on: :meth:`segments` but the residual."""
         parts: list[Segment] = []
         if self.prefix is not None and start - self.prefix_start < self.prefix.shape[2]:
-            parts.append(self.prefix[:, :, max(0, start - self.prefix_start) :])
+            skip = max(0, start - self.prefix_start)
+            parts.append(self.prefix[:, :, skip:] if skip else self.prefix)
         if self.quantized is not None and start - self.quantized_start < self.quantized.num_tokens:
             skip = max(0, start - self.quantized_start)
             whole = skip // self.settings.token_block * self.settings.token_block
             kept = self.quantized.tensor()
             kept = kept.drop_leading(whole) if whole else kept
             parts.append(QuantizedSegment(kept, skip - whole))
-        if self.residual is not None:
-            residual_start = self.length - self.residual.shape[2]
-            if start - residual_start < self.residual.shape[2]:
-                parts.append(self.residual[:, :, max(0, start - residual_start) :])
         return [part for part in parts if segment_tokens(part) > 0]
 
     def read(self, start: int = 0, then: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -183,15 +194,19 @@ class TokenStream:
         room = max(0, self.prefix_length - self.length)
         self.length += states.shape[2]
         if room:
+            self._stored = None
             self.prefix = torch.cat([self.prefix, states[:, :, :room]], dim=2)
             states = states[:, :, room:]
         pending = torch.cat([self.residual, states], dim=2)
-        self._forget(keep_from)
+        if keep_from:  # slot 0 on: nothing to forget
+            self._forget(keep_from)
         pending_start = self.length - pending.shape[2]
         stale = min(max(0, keep_from - pending_start), pending.shape[2])
-        pending, pending_start = pending[:, :, stale:], pending_start + stale
+        if stale:
+            pending, pending_start = pending[:, :, stale:], pending_start + stale
         count = quantizable_tokens(pending.shape[2], self.residual_length, self.block)
         if count:
+            self._stored = None
             block = quantize(pending[:, :, :count], self.settings)
             if self.quantized is None:
                 self.quantized = QuantizedStore(block)
@@ -207,6 +222,7 @@ class TokenStream:
         if self.prefix is not None:
             drop = min(max(0, keep_from - self.prefix_start), self.prefix.shape[2])
             if drop:
+                self._stored = None
                 self.prefix = self.prefix[:, :, drop:].clone()
                 self.prefix_start += drop
         if self.quantized is None:
@@ -214,6 +230,7 @@ class TokenStream:
         block = self.settings.token_block
         drop = min(max(0, keep_from - self.quantized_start) // block * block, self.quantized.num_tokens)
         if drop:
+            self._stored = None
             self.quantized_start += drop
             self.quantized.drop_leading(drop)
 
