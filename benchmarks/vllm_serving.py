@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -91,6 +92,10 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=96)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--throughput-prompts", type=int, default=64)
+    parser.add_argument(
+        "--throughput-without-prefix", action="store_true",
+        help="throughput prompts without the prefix: the plugin then only adds its per-step connector calls",
+    )  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="plugin on / off engine pairs for throughput")
     parser.add_argument("--repeats", type=int, default=1, help="throughput measurements inside each engine")
@@ -118,13 +123,18 @@ def main() -> None:
     parity = [row[: args.prompt_length] for row in rows[: args.prompts]]
     parity += [row[len(prefix) : args.prompt_length] for row in rows[:4]]  # no prefix: the plugin leaves them
     repeated = rows * -(-args.throughput_prompts // len(rows))
-    throughput_prompts = [row[: args.prompt_length] for row in repeated[: args.throughput_prompts]]
+    skip = len(prefix) if args.throughput_without_prefix else 0
+    throughput_prompts = [row[skip : skip + args.prompt_length] for row in repeated[: args.throughput_prompts]]
 
     dtype = getattr(torch, args.dtype)
     references = {"float32": transformers_rows(checkpoint, windows, parity, torch.float32)}
     references[args.dtype] = transformers_rows(checkpoint, windows, parity, dtype)
 
     python = args.serving_python or Path(sys.executable)
+    # vLLM-CPU reserves one more core when any KV connector is configured (for NIXL's transfers), so on a small
+    # machine the plugin's engine and plain vLLM would compute on different cores; reserve the same for both
+    # (a GPU engine ignores it)
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.tensor_parallel_size))
     engine = dict(
         model=str(checkpoint), dtype=args.dtype, max_model_len=args.length + args.new_tokens,
         tensor_parallel_size=args.tensor_parallel_size, enforce_eager=not args.cuda_graphs,
@@ -186,6 +196,7 @@ def summarize(
         "positions_counted": "every predicted token of every window (positions 1..L-1), as eval.perplexity",
         "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "tensor_parallel_size": args.tensor_parallel_size, "torch": torch.__version__,
+        "vllm_cpu_num_of_reserved_cpu": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
         "transformers_perplexity": {
             dt: {side: rows_["perplexity"] for side, rows_ in ref.items()} for dt, ref in references.items()
         },
@@ -200,6 +211,7 @@ def summarize(
         },
         "throughput": {
             "prompts": throughput_prompts, "prompt_tokens": args.prompt_length, "new_tokens": args.new_tokens,
+            "prompts_start_with_prefix": not args.throughput_without_prefix,
             "repeats": args.repeats, "engines": {name: len(runs) for name, runs in answers.items()},
             "tokens_per_s": speed,
             "median_ratio_plugin_over_no_plugin": statistics.median(speed["plugin"])
@@ -233,7 +245,8 @@ def markdown(result: dict, prompts: int, top_k: int) -> str:
             f"{p['prefix_prompts_vs_transformers_plain']:.4f} | {p['other_prompts_vs_transformers_plain']:.4f} |\n"
             for name, p in parity.items()
         )
-        + f"\nDecode throughput ({speed['prompts']} prompts of {speed['prompt_tokens']} tokens, {speed['new_tokens']} "
+        + f"\nDecode throughput ({speed['prompts']} prompts of {speed['prompt_tokens']} tokens "
+        f"{'starting with' if speed['prompts_start_with_prefix'] else 'without'} the prefix, {speed['new_tokens']} "
         f"new tokens each; {speed['engines']['plugin']} + {speed['engines']['no plugin']} engines alternated, "
         f"{speed['repeats']} measurements in each): plugin "
         f"{', '.join(f'{v:.1f}' for v in speed['tokens_per_s']['plugin'])} tokens/s, no plugin "
