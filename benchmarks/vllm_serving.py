@@ -121,6 +121,7 @@ def main() -> None:
         raise SystemExit("the evaluation windows do not start with the checkpoint's prefix")
     rows = windows.tolist()
     parity = [row[: args.prompt_length] for row in rows[: args.prompts]]
+    with_prefix = len(parity)  # prompts with the prefix; the 4 without follow them
     parity += [row[len(prefix) : args.prompt_length] for row in rows[:4]]  # no prefix: the plugin leaves them
     repeated = rows * -(-args.throughput_prompts // len(rows))
     skip = len(prefix) if args.throughput_without_prefix else 0
@@ -154,9 +155,11 @@ def main() -> None:
             answers[name].append(saved_or_run(path, run, python))
             if round_index == 0 and name == "plugin" and not answers["no plugin"]:
                 continue  # the report needs both engines of the first round
-            result = summarize(args, checkpoint, prefix, windows, references, answers, len(throughput_prompts))
+            result = summarize(
+                args, checkpoint, prefix, windows, references, answers, with_prefix, len(throughput_prompts)
+            )
             (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-            (args.out / f"{stem}.md").write_text(markdown(result, min(args.prompts, len(rows)), args.top_k))
+            (args.out / f"{stem}.md").write_text(markdown(result, with_prefix, args.top_k))
     print((args.out / f"{stem}.md").read_text())
 
 
@@ -180,10 +183,11 @@ def summarize(
     windows: torch.Tensor,
     references: dict[str, dict],
     answers: dict[str, list[EngineAnswer]],
+    with_prefix: int,
     throughput_prompts: int,
 ) -> dict:
     """The report over the engines finished so far (the first round's pair gives quality, every engine speed)."""
-    n, k = min(args.prompts, windows.shape[0]), args.top_k  # prompts with the prefix; the 4 without follow them
+    n, k = with_prefix, args.top_k
     intact, plain = (references[args.dtype][side]["next"] for side in ("intactkv", "plain"))
     quality = {
         name: {"first": runs[0].results[0][0], "perplexity": prompt_perplexity(runs[0].results[1])}
