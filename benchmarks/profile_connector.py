@@ -204,7 +204,8 @@ def install_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     outer = InputProcessor._validate_params
-    if "validate" in getattr(outer, "__code__", type("", (), {"co_freevars": ()})).co_freevars:
+    code = getattr(outer, "__code__", None)
+    if code is not None and "validate" in code.co_freevars:  # the plugin's wrapper: time the vLLM one inside
         set_cell(outer, "validate", timed("validate_params.inner", set_cell(outer, "validate", None)))
     InputProcessor._validate_params = timed("validate_params.outer", outer)  # type: ignore[method-assign]
 

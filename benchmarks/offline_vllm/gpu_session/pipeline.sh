@@ -34,6 +34,8 @@ G=.carry/gpu-run
 SERVE="python3 benchmarks/vllm_serving.py --cuda-graphs --repeats 3 --throughput-prompts 64 --new-tokens 128"
 GEMMA_SERVE="$SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --gpu-memory-utilization 0.5"
 FORMATS="auto turboquant_k8v4 turboquant_k3v4_nc turboquant_4bit_nc int4_per_token_head"
+# -x: a failure prints its traceback and stops the run (a step cut by its time limit prints nothing)
+TQ_TESTS=(python3 -m pytest -p no:cacheprovider -x --tb=short -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py)
 quantize_smol() { [ -f $SMOL/config.json ] || step quantize_smol 300 python3 $G/quantize.py outputs/smollm2-135m-instruct $G/smollm2_gptq_w4g64.yaml $SMOL $G/smollm2_windows.pt 32 256; }
 quantize_gemma() { [ -f $GEMMA/config.json ] || step quantize_gemma 300 python3 $G/quantize.py outputs/gemma-3-270m $G/gemma_gptq_w4.yaml $GEMMA $G/gemma_windows.pt 32 256; }
 # Engine answers an earlier session saved (benchmarks/results/gpu/*/.../engines) are reused, not run again.
@@ -43,11 +45,10 @@ mkdir -p $R/kv_formats && cp -r benchmarks/results/gpu/smollm2-135m-instruct/kv_
 # SmolLM2's 9 attention heads do not split over 2 ranks (vLLM refuses it): tensor parallel 2 is Gemma 3's.
 if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
   # Four GPUs: one stream per GPU pair or GPU, each on its own cores (taskset) so engines do not share host cores.
-  # GPU 3: issue 23's rows, then the TurboQuant engine tests (-x: a failure prints its traceback and stops the run;
-  # a step cut by its time limit prints nothing)
+  # GPU 3: issue 23's rows, then the TurboQuant engine tests
   ( export CUDA_VISIBLE_DEVICES=3
     step kv_speed 1200 taskset -c 48-63 bash $G/kv_speed.sh $R/kv_speed static-16k static-4k-8k static-32k
-    step tq_tests 600 taskset -c 48-63 python3 -m pytest -p no:cacheprovider -x --tb=short -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py ) &
+    step tq_tests 600 taskset -c 48-63 "${TQ_TESTS[@]}" ) &
   ( export CUDA_VISIBLE_DEVICES=2; quantize_smol
     step kv_formats 540 taskset -c 32-47 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats $FORMATS ) &
   CUDA_VISIBLE_DEVICES=0 quantize_gemma
@@ -64,7 +65,7 @@ else
   # engine tests
   ( export CUDA_VISIBLE_DEVICES=1
     step kv_formats 480 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats $FORMATS
-    step tq_tests 300 python3 -m pytest -p no:cacheprovider -x --tb=short -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py ) &
+    step tq_tests 300 "${TQ_TESTS[@]}" ) &
   STREAM=$!
   # GPU 0: issue 23's rows
   CUDA_VISIBLE_DEVICES=0 step kv_speed 540 bash $G/kv_speed.sh $R/kv_speed static-4k-8k
