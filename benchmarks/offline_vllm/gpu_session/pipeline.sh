@@ -31,11 +31,15 @@ MONITOR=$!
 SMOL=outputs/smollm2-gptq-w4g64
 GEMMA=outputs/gemma-3-270m-gptq-w4-intactkv
 G=.carry/gpu-run
-SERVE="python3 benchmarks/vllm_serving.py --cuda-graphs --repeats 3 --throughput-prompts 64 --new-tokens 128"
+SERVE="python3 benchmarks/vllm_serving.py --cuda-graphs --repeats 5 --throughput-prompts 64 --new-tokens 128"
 GEMMA_SERVE="$SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --windows 8 --gpu-memory-utilization 0.5"
+# the plugin's overhead split into vLLM's hybrid KV-cache manager (off with any connector that lacks SupportsHMA)
+# and the rest: plain with the manager on, plain with it off, the plugin, alternated
+GEMMA_HYBRID="python3 benchmarks/vllm_hybrid_manager_cost.py --checkpoint $GEMMA --windows-file $G/gemma_windows.pt \
+  --cuda-graphs --gpu-memory-utilization 0.5 --prompts 64 --new-tokens 128 --repeats 5 --rounds 2 --out $R/gemma_hybrid"
 FORMATS="auto turboquant_k8v4 turboquant_k3v4_nc turboquant_4bit_nc int4_per_token_head"
-# -x: a failure prints its traceback and stops the run (a step cut by its time limit prints nothing)
-TQ_TESTS=(python3 -m pytest -p no:cacheprovider -x --tb=short -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py)
+# no -x: every TurboQuant case reports, each failure with its reason (a step cut by its time limit prints nothing)
+TQ_TESTS=(python3 -m pytest -p no:cacheprovider --tb=short -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py)
 quantize_smol() { [ -f $SMOL/config.json ] || step quantize_smol 300 python3 $G/quantize.py outputs/smollm2-135m-instruct $G/smollm2_gptq_w4g64.yaml $SMOL $G/smollm2_windows.pt 32 256; }
 quantize_gemma() { [ -f $GEMMA/config.json ] || step quantize_gemma 300 python3 $G/quantize.py outputs/gemma-3-270m $G/gemma_gptq_w4.yaml $GEMMA $G/gemma_windows.pt 32 256; }
 # Engine answers an earlier session saved (benchmarks/results/gpu/*/.../engines) are reused, not run again.
@@ -45,33 +49,28 @@ mkdir -p $R/kv_formats && cp -r benchmarks/results/gpu/smollm2-135m-instruct/kv_
 # SmolLM2's 9 attention heads do not split over 2 ranks (vLLM refuses it): tensor parallel 2 is Gemma 3's.
 if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
   # Four GPUs: one stream per GPU pair or GPU, each on its own cores (taskset) so engines do not share host cores.
-  # GPU 3: issue 23's rows, then the TurboQuant engine tests
+  # GPU 3 alone from the start: the TurboQuant engine tests (every earlier run started them beside another process
+  # on the same GPU), then issue 23's rows
   ( export CUDA_VISIBLE_DEVICES=3
-    step kv_speed 1200 taskset -c 48-63 bash $G/kv_speed.sh $R/kv_speed static-16k static-4k-8k static-32k
-    step tq_tests 600 taskset -c 48-63 "${TQ_TESTS[@]}" ) &
-  ( export CUDA_VISIBLE_DEVICES=2; quantize_smol
-    step kv_formats 540 taskset -c 32-47 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats $FORMATS ) &
+    step tq_tests 780 taskset -c 48-63 "${TQ_TESTS[@]}"
+    step kv_speed 1200 taskset -c 48-63 bash $G/kv_speed.sh $R/kv_speed static-4k-8k static-32k ) &
   CUDA_VISIBLE_DEVICES=0 quantize_gemma
-  CUDA_VISIBLE_DEVICES=0,1 step gemma_tp2 480 taskset -c 0-31 $GEMMA_SERVE --rounds 1 --tensor-parallel-size 2 --out $R/gemma
-  CUDA_VISIBLE_DEVICES=0 step gemma_tp1 420 taskset -c 0-15 $GEMMA_SERVE --rounds 2 --out $R/gemma
+  # the plugin's overhead: engines alternated, tensor parallel 2 on GPUs 1-2 beside tensor parallel 1 on GPU 0, both
+  # streams running from start to end so each pair sees the same neighbours
+  ( CUDA_VISIBLE_DEVICES=1,2 step gemma_tp2 900 taskset -c 16-47 $GEMMA_SERVE --rounds 2 --tensor-parallel-size 2 \
+      --out $R/gemma ) &
+  CUDA_VISIBLE_DEVICES=0 step gemma_hybrid 720 taskset -c 0-15 $GEMMA_HYBRID
+  CUDA_VISIBLE_DEVICES=0 step gemma_tp1 900 taskset -c 0-15 $GEMMA_SERVE --rounds 4 --out $R/gemma
   wait
 else
-  CUDA_VISIBLE_DEVICES=0 quantize_smol &
-  CUDA_VISIBLE_DEVICES=1 quantize_gemma
+  # Two GPUs: GPU 1 alone for the TurboQuant engine tests; GPU 0 the plugin's overhead at tensor parallel 1
+  # (engines alternated), then both GPUs for one tensor-parallel-2 pair
+  ( export CUDA_VISIBLE_DEVICES=1; step tq_tests 600 taskset -c 16-31 "${TQ_TESTS[@]}" ) &
+  CUDA_VISIBLE_DEVICES=0 quantize_gemma
+  CUDA_VISIBLE_DEVICES=0 step gemma_hybrid 720 taskset -c 0-15 $GEMMA_HYBRID
+  CUDA_VISIBLE_DEVICES=0 step gemma_tp1 600 taskset -c 0-15 $GEMMA_SERVE --rounds 2 --out $R/gemma
   wait
-  # Both GPUs, quiet, first: tensor parallel 2, one engine pair (an engine takes 2-2.5 min here)
   CUDA_VISIBLE_DEVICES=0,1 step gemma_tp2 480 $GEMMA_SERVE --rounds 1 --tensor-parallel-size 2 --out $R/gemma
-  # GPU 1: the rest of vLLM's KV formats on SmolLM2 (vLLM 0.26 refuses TurboQuant for Gemma 3), then the TurboQuant
-  # engine tests
-  ( export CUDA_VISIBLE_DEVICES=1
-    step kv_formats 480 bash $G/kv_formats.sh $SMOL $G/smollm2_windows.pt $R/kv_formats $FORMATS
-    step tq_tests 300 "${TQ_TESTS[@]}" ) &
-  STREAM=$!
-  # GPU 0: issue 23's rows
-  CUDA_VISIBLE_DEVICES=0 step kv_speed 540 bash $G/kv_speed.sh $R/kv_speed static-4k-8k
-  wait $STREAM
-  # last, with nothing else on the host: the plugin's overhead at tensor parallel 1 (engines alternated over 2 rounds)
-  CUDA_VISIBLE_DEVICES=0 step gemma_tp1 420 $GEMMA_SERVE --rounds 2 --out $R/gemma
 fi
 # With time left and nothing else running: the overhead once more, quiet, in its own folder
 CUDA_VISIBLE_DEVICES=0 step gemma_tp1_quiet 420 $GEMMA_SERVE --rounds 2 --out $R/gemma_quiet

@@ -107,6 +107,9 @@ class EngineRun(_Frozen):
     gpu_memory_utilization: float | None = None
     #: Tokens per KV-cache block, the prefix cache's unit (None: the backend's default, 128 on vLLM-CPU).
     block_size: int | None = None
+    #: vLLM's hybrid KV-cache manager (sliding-window models) off when True; None lets vLLM decide, which turns it
+    #: off whenever a KV connector that does not support it, such as the plugin's, is configured.
+    disable_hybrid_kv_cache_manager: bool | None = None
     jobs: list[Job] = []
 
 
@@ -153,7 +156,11 @@ def _serve(run: EngineRun) -> EngineAnswer:
     from vllm.inputs import TokensPrompt
 
     started = time.monotonic()
-    optional = {"gpu_memory_utilization": run.gpu_memory_utilization, "block_size": run.block_size}
+    optional = {
+        "gpu_memory_utilization": run.gpu_memory_utilization,
+        "block_size": run.block_size,
+        "disable_hybrid_kv_cache_manager": run.disable_hybrid_kv_cache_manager,
+    }
     llm = LLM(
         model=run.model,
         dtype=run.dtype,
