@@ -16,7 +16,7 @@ step() {
 monitor() {
   while true; do
     { date +%T; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader; uptime
-      ps -eo etimes,pcpu,args --sort=-pcpu | grep -E "vllm_runs|vllm_serving|kv_cache_speed|kv_formats|pytest|quantize" | grep -v grep | head -4 | cut -c1-150
+      ps -eo etimes,pcpu,args --sort=-pcpu | grep -E "vllm_runs|vllm_serving|vllm_hybrid|kv_cache_speed|pytest|quantize" | grep -v grep | head -4 | cut -c1-150
     } >> $R/monitor.txt
     sleep 30
   done
@@ -28,7 +28,6 @@ if ! command -v taskset > /dev/null; then
 fi
 monitor &
 MONITOR=$!
-SMOL=outputs/smollm2-gptq-w4g64
 GEMMA=outputs/gemma-3-270m-gptq-w4-intactkv
 G=.carry/gpu-run
 SERVE="python3 benchmarks/vllm_serving.py --cuda-graphs --repeats 5 --throughput-prompts 64 --new-tokens 128"
@@ -37,13 +36,9 @@ GEMMA_SERVE="$SERVE --checkpoint $GEMMA --windows-file $G/gemma_windows.pt --win
 # and the rest: plain with the manager on, plain with it off, the plugin, alternated
 GEMMA_HYBRID="python3 benchmarks/vllm_hybrid_manager_cost.py --checkpoint $GEMMA --windows-file $G/gemma_windows.pt \
   --cuda-graphs --gpu-memory-utilization 0.5 --prompts 64 --new-tokens 128 --repeats 5 --rounds 2 --out $R/gemma_hybrid"
-FORMATS="auto turboquant_k8v4 turboquant_k3v4_nc turboquant_4bit_nc int4_per_token_head"
 # no -x: every TurboQuant case reports, each failure with its reason (a step cut by its time limit prints nothing)
 TQ_TESTS=(python3 -m pytest -p no:cacheprovider --tb=short -rA -k "turboquant or whole_prompt" tests/test_vllm_engine.py)
-quantize_smol() { [ -f $SMOL/config.json ] || step quantize_smol 300 python3 $G/quantize.py outputs/smollm2-135m-instruct $G/smollm2_gptq_w4g64.yaml $SMOL $G/smollm2_windows.pt 32 256; }
 quantize_gemma() { [ -f $GEMMA/config.json ] || step quantize_gemma 300 python3 $G/quantize.py outputs/gemma-3-270m $G/gemma_gptq_w4.yaml $GEMMA $G/gemma_windows.pt 32 256; }
-# Engine answers an earlier session saved (benchmarks/results/gpu/*/.../engines) are reused, not run again.
-mkdir -p $R/kv_formats && cp -r benchmarks/results/gpu/smollm2-135m-instruct/kv_formats/engines $R/kv_formats/
 # One engine at a time per GPU: vLLM's start-up memory profiling fails when another process on the same GPU frees
 # memory meanwhile (2026-11-28: tensor parallel 2 and two TurboQuant engines did not start beside other engines).
 # SmolLM2's 9 attention heads do not split over 2 ranks (vLLM refuses it): tensor parallel 2 is Gemma 3's.
