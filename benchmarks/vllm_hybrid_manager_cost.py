@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from intactkv_modifier.eval.vllm_runs import EngineRun, ThroughputJob, run_engine
+from intactkv_modifier.eval.vllm_runs import EngineRun, ThroughputJob, cycled_prompts, run_engine
 
 #: engine name -> (plugin on, disable_hybrid_kv_cache_manager)
 ENGINES = {
@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    rows = torch.load(args.windows_file)["eval"].tolist()  # make_windows.py's file; repeated up to --prompts
-    prompts = [row[: args.prompt_length] for row in (rows * -(-args.prompts // len(rows)))[: args.prompts]]
+    windows = torch.load(args.windows_file)["eval"].tolist()  # make_windows.py's file
+    prompts = cycled_prompts(windows, args.prompts, args.prompt_length)
     python = args.serving_python or Path(sys.executable)
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # the same cores for every engine (vllm_serving.py)
     job = ThroughputJob(prompts=prompts, new_tokens=args.new_tokens, repeats=args.repeats)

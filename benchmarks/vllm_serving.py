@@ -48,6 +48,7 @@ from intactkv_modifier.eval.vllm_runs import (
     FirstTokenJob,
     PromptLogprobsJob,
     ThroughputJob,
+    cycled_prompts,
     prompt_perplexity,
     run_engine,
 )
@@ -123,9 +124,8 @@ def main() -> None:
     parity = [row[: args.prompt_length] for row in rows[: args.prompts]]
     with_prefix = len(parity)  # prompts with the prefix; the 4 without follow them
     parity += [row[len(prefix) : args.prompt_length] for row in rows[:4]]  # no prefix: the plugin leaves them
-    repeated = rows * -(-args.throughput_prompts // len(rows))
     skip = len(prefix) if args.throughput_without_prefix else 0
-    throughput_prompts = [row[skip : skip + args.prompt_length] for row in repeated[: args.throughput_prompts]]
+    throughput_prompts = cycled_prompts(rows, args.throughput_prompts, args.prompt_length, skip)
 
     dtype = getattr(torch, args.dtype)
     references = {"float32": transformers_rows(checkpoint, windows, parity, torch.float32)}

@@ -32,6 +32,7 @@ __all__ = [
     "GreedyJob",
     "PromptLogprobsJob",
     "ThroughputJob",
+    "cycled_prompts",
     "prompt_perplexity",
     "prompt_token_logprobs",
     "run_engine",
@@ -85,6 +86,13 @@ class ThroughputJob(_Frozen):
 
 
 Job = Annotated[FirstTokenJob | PromptLogprobsJob | GreedyJob | ThroughputJob, Field(discriminator="kind")]
+
+
+def cycled_prompts(rows: list[TokenIds], count: int, length: int, skip: int = 0) -> list[TokenIds]:
+    """``count`` prompts of ``length`` tokens from ``rows`` (after ``skip`` tokens), cycling through the rows when
+    there are fewer: a throughput job's load from a handful of held-out windows."""
+    cycled = rows * -(-count // len(rows))
+    return [row[skip : skip + length] for row in cycled[:count]]
 
 
 class EngineRun(_Frozen):
