@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from intactkv_modifier.checkpoint import read_config_block
 from intactkv_modifier.eval.vllm_runs import EngineRun, ThroughputJob, cycled_prompts, run_engine
+from intactkv_modifier.serving.matching import starts_with_prefix
 
 #: engine name -> (plugin on, disable_hybrid_kv_cache_manager)
 ENGINES = {
@@ -53,6 +55,11 @@ def main() -> None:
 
     windows = torch.load(args.windows_file)["eval"].tolist()  # make_windows.py's file
     prompts = cycled_prompts(windows, args.prompts, args.prompt_length)
+    block = read_config_block(args.checkpoint)
+    if block is None:
+        raise SystemExit(f"{args.checkpoint} is not an IntactKV checkpoint (no intactkv_config in its config.json)")
+    if not all(starts_with_prefix(prompt, block.prefix_token_ids) for prompt in prompts):
+        raise SystemExit(f"the windows of {args.windows_file} do not all start with the checkpoint's prefix")
     python = args.serving_python or Path(sys.executable)
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # the same cores for every engine (vllm_serving.py)
     job = ThroughputJob(prompts=prompts, new_tokens=args.new_tokens, repeats=args.repeats)
