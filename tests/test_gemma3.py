@@ -85,12 +85,17 @@ def test_left_padded_batch_past_the_window_equals_unbatched(gemma_checkpoint, ti
         assert batched[row, ids.shape[1]:].tolist() == alone[0, len(prompt):].tolist()
 
 
-def test_full_precision_model_with_its_own_prefix_past_the_window_is_unchanged(tiny_model_dirs):
+@pytest.mark.parametrize("prefix_length", [1, GEMMA3_SLIDING_WINDOW + 4])
+def test_full_precision_model_with_its_own_prefix_past_the_window_is_unchanged(tiny_model_dirs, prefix_length):
+    """Also a prefix longer than the sliding window (a long system prompt): every layer stores all its positions."""
     model = load(tiny_model_dirs["gemma3"])
     ids = torch.tensor([_prompt(load_tokenizer(tiny_model_dirs["gemma3"]), LONG, seed=6)])
+    prefix = ids[0, :prefix_length].tolist()
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        attach_intact_kv(model, [BOS], capture_prefix_kv(model, [BOS]))
+        kv = capture_prefix_kv(model, prefix)
+        assert {tuple(k.shape) for k in kv.keys + kv.values} == {(1, prefix_length, model.config.head_dim)}
+        attach_intact_kv(model, prefix, kv)
         # the prefix K/V come from a forward of the prefix alone (another matmul shape), the rest is the same
         assert within(relative_error(model(input_ids=ids).logits, plain), two_forwards(model.config, ids.shape[1]))
 

@@ -24,6 +24,7 @@ from intactkv_modifier.capture import PrefixKV
 from intactkv_modifier.checkpoint import HubAccess, seal_prefix, tensor_name
 from intactkv_modifier.config import CONFIG_KEY, KEY_BUFFER, VALUE_BUFFER
 from intactkv_modifier.serving import (
+    NO_BLOCK,
     SIDE_FILE_PATH,
     CpuAttentionLayout,
     KeysBesideValues,
@@ -123,6 +124,13 @@ def test_kernel_blocks_split_scheduler_blocks_in_order():
     assert slots.slot_mapping.tolist() == [12, 13, 14, 15] and slots.positions.tolist() == [0, 1, 2, 3]
     slots = slot_indices([PrefixLoad((7, 2, 5), 14, 18)], block_size=16, kernel_block_size=16)
     assert slots.slot_mapping.tolist() == [7 * 16 + 14, 7 * 16 + 15, 2 * 16, 2 * 16 + 1]
+
+
+def test_positions_a_sliding_window_group_no_longer_holds_get_no_slot():
+    """vLLM's hybrid manager gives a sliding-window group its null block for positions out of every window."""
+    slots = slot_indices([PrefixLoad((NO_BLOCK, NO_BLOCK, 5), 0, 10, group=1)], block_size=4, kernel_block_size=2)
+    assert slots.positions.tolist() == [8, 9] and slots.slot_mapping.tolist() == [5 * 4, 5 * 4 + 1]
+    assert len(slot_indices([PrefixLoad((NO_BLOCK,), 0, 3)], 4, 4)) == 0
 
 
 @pytest.mark.parametrize(("block_size", "kernel_block_size"), [(1, 1), (3, 3), (16, 16), (16, 8), (32, 16)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -92,24 +93,25 @@ def references(model, prompts: list[list[int]]) -> tuple[list[torch.Tensor], lis
     return intact, plain
 
 
-def shifted_checkpoint(model_dir: Path, folder: Path) -> Served:
-    """A tiny model with a 3-token prefix whose stored K/V are shifted, saved in bfloat16 as vLLM serves it."""
+def shifted_checkpoint(model_dir: Path, folder: Path, prefix: list[int] = PREFIX, words: int = 21) -> Served:
+    """A tiny model with a prefix (3 tokens by default) whose stored K/V are shifted, saved in bfloat16 as vLLM
+    serves it; prompts of the prefix and ``words`` more tokens."""
     model = load(model_dir)
-    kv = capture_prefix_kv(model, PREFIX)
+    kv = capture_prefix_kv(model, prefix)
     generator = torch.Generator().manual_seed(3)
     shifted = PrefixKV(
         keys=[k + 0.5 * torch.randn(k.shape, generator=generator) for k in kv.keys],
         values=[v + 2.0 * torch.randn(v.shape, generator=generator) for v in kv.values],
     )
-    attach_intact_kv(model, PREFIX, shifted)
+    attach_intact_kv(model, prefix, shifted)
     model = model.to(torch.bfloat16).eval()
     model.save_pretrained(folder)
     for tokenizer_file in model_dir.glob("tokenizer*"):
         shutil.copy(tokenizer_file, folder)
 
-    words = [torch.randint(4, 124, (21,), generator=generator).tolist() for _ in range(5)]
-    prompts = [PREFIX + w for w in words] + [w[:2] + PREFIX + w[2:] for w in words[:2]] + [PREFIX[:2] + words[0]]
-    return Served(folder, PREFIX, prompts, *references(model, prompts))
+    words = [torch.randint(4, 124, (words,), generator=generator).tolist() for _ in range(5)]
+    prompts = [prefix + w for w in words] + [w[:2] + prefix + w[2:] for w in words[:2]] + [prefix[:2] + words[0]]
+    return Served(folder, prefix, prompts, *references(model, prompts))
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +123,15 @@ def tiny(tiny_model_dirs, tmp_path_factory) -> Served:
 def tiny_gemma3(tiny_model_dirs, tmp_path_factory) -> Served:
     """One KV head, QK-norm, a sliding-window layer (window 16, shorter than the prompts) and a full one."""
     return shifted_checkpoint(tiny_model_dirs["gemma3"], tmp_path_factory.mktemp("served") / "tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_long_prefix(tiny_model_dirs, tmp_path_factory) -> Served:
+    """A 48-token prefix, longer than the sliding window (16) plus a 32-token block; prompts of 60 tokens (the tiny
+    model has 64 positions)."""
+    prefix = [BOS, *torch.randint(4, 124, (47,), generator=torch.Generator().manual_seed(5)).tolist()]
+    folder = tmp_path_factory.mktemp("served") / "tiny-gemma3-long-prefix"
+    return shifted_checkpoint(tiny_model_dirs["gemma3"], folder, prefix, words=12)
 
 
 def first_token_distance(got: dict[str, float], want: torch.Tensor, other: torch.Tensor | None = None) -> float:
@@ -144,14 +155,22 @@ def assert_nearer_the_stored_prefix(served: Served, first: list[dict[str, float]
     assert sum(to_intact for to_intact, _ in distances) < sum(to_plain for _, to_plain in distances) / 2, distances
 
 
+def bfloat16_step(value: float) -> float:
+    """The spacing of bfloat16 numbers around ``value``: two bfloat16 computations of a log-probability as low
+    as -40 (a tiny random model's verdict on an unlikely token) may differ by this much (0.25) and no less."""
+    return 2.0 ** (math.floor(math.log2(max(abs(value), 2.0**-126))) - 7)
+
+
 def prompt_distance(prompt: list[int], got: list[float | None], want: torch.Tensor) -> float:
-    """Largest difference over every prompt position vLLM scored (position 0 has no prediction)."""
-    return max(abs(lp - float(want[i - 1, prompt[i]])) for i, lp in enumerate(got) if lp is not None)
+    """Largest difference over every prompt position vLLM scored (position 0 has no prediction), beyond one
+    bfloat16 step of the reference's value."""
+    wanted = [(lp, float(want[i - 1, prompt[i]])) for i, lp in enumerate(got) if lp is not None]
+    return max(abs(lp - w) - bfloat16_step(w) for lp, w in wanted)
 
 
 def engine(served: Served, **settings) -> EngineRun:
     jobs = [FirstTokenJob(prompts=served.prompts, passes=2), PromptLogprobsJob(prompts=served.prompts)]
-    return EngineRun(model=str(served.folder), max_model_len=64, jobs=jobs, **settings)
+    return EngineRun(model=str(served.folder), **{"max_model_len": 64, **settings}, jobs=jobs)
 
 
 def assert_follows(served: Served, answer, intact: bool) -> None:
@@ -207,6 +226,23 @@ def test_vllm_serves_the_stored_prefix_and_leaves_other_prompts_alone(tiny):
 
 def test_gemma3_sliding_window_and_one_kv_head_are_served_as_transformers_computes_them(tiny_gemma3):
     assert_served_on_and_off(tiny_gemma3)
+
+
+def test_a_prefix_longer_than_the_sliding_window_is_written_only_where_each_layer_group_holds_blocks(
+    tiny_gemma3_long_prefix,
+):
+    """vLLM's hybrid KV-cache manager on (its default): the sliding-window and the full-attention layer are two
+    KV-cache groups sharing one cache tensor, and the sliding-window group holds no block (vLLM's null block) for
+    the prefix's first 32 positions, which have left its window; the full-attention layer needs all 48."""
+    served = tiny_gemma3_long_prefix
+    python = serving_python()
+    settings = dict(block_size=32)
+    on = run_engine(python, engine(served, plugin=True, **settings))
+    off = run_engine(python, engine(served, plugin=False, **settings))
+    assert "2 KV-cache group(s)" in on.log, on.log[-3000:]
+    assert_follows(served, on, intact=True)
+    assert_follows(served, off, intact=False)
+    assert_untouched(served, on, off)
 
 
 def test_chunked_prefill_splitting_the_prefix_keeps_it_intact(tiny):
@@ -498,14 +534,15 @@ def test_whole_prompt_requests_under_turboquant_are_refused_not_served_plain():
 
 _SIGNATURES = r"""
 import inspect, json
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, SupportsHMA
 from intactkv_modifier.serving.vllm_connector import IntactKVConnector
 
+assert issubclass(IntactKVConnector, SupportsHMA)  # vLLM keeps its hybrid KV-cache manager on
 report = {}
 for name, ours in vars(IntactKVConnector).items():
     if name.startswith("_") and name != "__init__" or not callable(ours):
         continue
-    theirs = getattr(KVConnectorBase_V1, name, None)
+    theirs = getattr(KVConnectorBase_V1, name, None) or getattr(SupportsHMA, name, None)
     report[name] = None if theirs is None else [
         list(inspect.signature(ours).parameters), list(inspect.signature(theirs).parameters)
     ]
@@ -513,11 +550,32 @@ print("RESULT " + json.dumps(report))
 """
 
 
+_HYBRID_MANAGER = r"""
+import json, sys
+from vllm.engine.arg_utils import EngineArgs
+from intactkv_modifier.serving.vllm_plugin import _configure
+
+report = {}
+for dtype in ("auto", "turboquant_k8v4"):
+    args = EngineArgs(model=sys.argv[1], kv_cache_dtype=dtype)
+    _configure(args)
+    report[dtype] = [args.kv_transfer_config.kv_connector, args.disable_hybrid_kv_cache_manager]
+print("RESULT " + json.dumps(report))
+"""
+
+
+def test_the_hybrid_kv_cache_manager_is_left_to_vllm_except_under_turboquant(tiny):
+    """vLLM decides (None: on where the model has sliding windows); TurboQuant stays in the one KV-cache group it
+    was proven in."""
+    report = run_python(_HYBRID_MANAGER, str(tiny.folder), python=serving_python(), timeout=300)
+    assert report == {"auto": ["IntactKVConnector", None], "turboquant_k8v4": ["IntactKVConnector", True]}
+
+
 def test_every_connector_method_we_override_exists_in_the_installed_vllm():
     report = run_python(_SIGNATURES, python=serving_python(), timeout=300)
     assert "register_kv_caches" in report and "wait_for_layer_load" in report
     for name, signatures in report.items():
-        assert signatures is not None, f"vLLM's KVConnectorBase_V1 has no {name}"
+        assert signatures is not None, f"vLLM's KVConnectorBase_V1 and SupportsHMA have no {name}"
         ours, theirs = signatures
         assert ours == theirs, (name, ours, theirs)
 

@@ -26,12 +26,16 @@ def model_kv_for_prefix(model: PreTrainedModel, prefix_token_ids: list[int]) -> 
     """The KV the model computes for the prefix in its current state (quantized or not).
 
     It reads back a ``DynamicCache`` of its own, so an installed KV-cache
-    quantization, which would swap that cache for its own, is suspended.
+    quantization, which would swap that cache for its own, is suspended. The
+    cache is built without the model's config: with it, a sliding-window layer
+    (Gemma 3) would keep only its last ``window - 1`` positions of a longer
+    prefix, where every layer must store all of them (the attention masks, not
+    the cache, apply the window, so the K/V are the same).
     """
     decoder = decoder_stack(model)
     device = execution_device(decoder.embed_tokens if hasattr(decoder, "embed_tokens") else model)
     input_ids = torch.tensor([prefix_token_ids], dtype=torch.long, device=device)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()
     kv_quantization = kv_quantization_of(model)
     with torch.no_grad(), kv_quantization.suspended() if kv_quantization is not None else nullcontext():
         decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)

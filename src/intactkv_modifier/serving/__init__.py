@@ -33,7 +33,14 @@ from intactkv_modifier.serving.cache_layouts import (
 )
 from intactkv_modifier.serving.layer_prefix import LayerPrefix, PrefixWriter, cache_codes
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
-from intactkv_modifier.serving.paged import PrefixLoad, SlotIndices, kv_head_slice, layer_index_of, slot_indices
+from intactkv_modifier.serving.paged import (
+    NO_BLOCK,
+    PrefixLoad,
+    SlotIndices,
+    kv_head_slice,
+    layer_index_of,
+    slot_indices,
+)
 
 __all__ = [
     "SIDE_FILE_PATH",
@@ -42,6 +49,7 @@ __all__ = [
     "KeysBesideValues",
     "LayerPrefix",
     "PackedSlots",
+    "NO_BLOCK",
     "PrefixLoad",
     "PrefixWriter",
     "SlotIndices",

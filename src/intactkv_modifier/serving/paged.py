@@ -5,7 +5,11 @@ offset``. The scheduler hands out blocks of ``block_size`` tokens; an attention
 backend may split each into ``block_size / kernel_block_size`` kernel blocks,
 numbered consecutively (vLLM's ``BlockTable.map_to_kernel_blocks``). Slots are
 what vLLM's own cache-store ops take, so the connector writes through them and
-never through a layout of its own.
+never through a layout of its own. With vLLM's hybrid KV-cache manager each
+KV-cache group (Gemma 3: sliding-window layers, full-attention layers) gives a
+request its own blocks; a sliding-window group holds no block for positions
+that have left every future query's window, which a load marks :data:`NO_BLOCK`
+and which get no slot.
 
 Everything here is plain torch, so it is tested on the CPU without vLLM.
 """
@@ -18,18 +22,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefixLoad", "SlotIndices", "kv_head_slice", "layer_index_of", "slot_indices"]
+__all__ = ["NO_BLOCK", "PrefixLoad", "SlotIndices", "kv_head_slice", "layer_index_of", "slot_indices"]
+
+#: A block id for positions vLLM keeps no K/V of in that KV-cache group (its null block): nothing is written there.
+NO_BLOCK = -1
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
 class PrefixLoad:
-    """Prefix positions ``[start, end)`` of one request, and the request's KV blocks (the scheduler's ids)."""
+    """Prefix positions ``[start, end)`` of one request, and the request's KV blocks (the scheduler's ids) in
+    KV-cache group ``group``."""
 
     block_ids: tuple[int, ...]
     start: int
     end: int
+    group: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ def layer_index_of(layer_name: str) -> int:
 
 
 def slot_indices(loads: Sequence[PrefixLoad], block_size: int, kernel_block_size: int) -> SlotIndices:
-    """The cache slot of every prefix position in ``loads``, in vLLM's numbering."""
+    """The cache slot of every prefix position in ``loads`` that a block holds, in vLLM's numbering."""
     if block_size % kernel_block_size:
         raise ValueError(f"KV block size {block_size} is not a multiple of the cache's block size {kernel_block_size}")
     per_block = block_size // kernel_block_size
@@ -90,6 +99,8 @@ def slot_indices(loads: Sequence[PrefixLoad], block_size: int, kernel_block_size
             )
         position = torch.arange(load.start, load.end, dtype=torch.long)
         manager_block = torch.tensor(load.block_ids, dtype=torch.long)[position // block_size]
+        held = manager_block != NO_BLOCK
+        position, manager_block = position[held], manager_block[held]
         within = position % block_size
         kernel_block = manager_block * per_block + within // kernel_block_size
         slots.append(kernel_block * kernel_block_size + within % kernel_block_size)

@@ -21,6 +21,13 @@ whatever arrangement and format that backend keeps:
   such requests (:func:`~intactkv_modifier.serving.vllm_plugin.whole_prompt_refusal`)
   and the scheduler side stops rather than serve one plain.
 
+vLLM's hybrid KV-cache manager stays on (the connector implements
+``SupportsHMA``): a sliding-window model's layers fall into KV-cache groups,
+each with its own blocks per request, and layers of different groups share one
+cache tensor; each layer is written through its own group's blocks, and
+positions a sliding-window group no longer holds (vLLM's null block) are
+skipped, since no later query of such a layer reads them.
+
 Every layer is proven at start: the whole prefix is written into free blocks
 through the backend's store, read back with the backend's arrangement
 (:mod:`~intactkv_modifier.serving.cache_layouts`) and compared; the first real
@@ -42,6 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 from vllm.model_executor.layers.attention import Attention
 
@@ -57,7 +65,14 @@ from intactkv_modifier.serving.layer_prefix import (
 )
 from intactkv_modifier.serving.log import logger
 from intactkv_modifier.serving.matching import loadable_prefix_end, prefix_positions_to_load, starts_with_prefix
-from intactkv_modifier.serving.paged import PrefixLoad, SlotIndices, kv_head_slice, layer_index_of, slot_indices
+from intactkv_modifier.serving.paged import (
+    NO_BLOCK,
+    PrefixLoad,
+    SlotIndices,
+    kv_head_slice,
+    layer_index_of,
+    slot_indices,
+)
 from intactkv_modifier.serving.turboquant import TURBOQUANT_BACKEND, turboquant_prefix
 from intactkv_modifier.serving.vllm_plugin import (
     ALLOW_PLAIN_ENV,
@@ -95,7 +110,7 @@ class IntactKVConnectorMetadata(KVConnectorMetadata):
     overwrites: list[PrefixLoad] = field(default_factory=list)
 
 
-class IntactKVConnector(KVConnectorBase_V1):
+class IntactKVConnector(KVConnectorBase_V1, SupportsHMA):
     """Writes the stored pivot-prefix K/V into vLLM's paged cache; saves nothing."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
@@ -112,21 +127,22 @@ class IntactKVConnector(KVConnectorBase_V1):
         if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
             raise ValueError("IntactKV serving does not support context parallelism (it splits a block's tokens)")
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ValueError(
-                f"IntactKV serving needs every attention layer in one KV cache group; this model has {len(groups)}"
-            )
-        self._block_size: int = groups[0].kv_cache_spec.block_size
+        #: per KV-cache group: the scheduler's block size
+        self._block_sizes: list[int] = [group.kv_cache_spec.block_size for group in groups]
+        self._group_of: dict[str, int] = {
+            name: index for index, group in enumerate(groups) for name in group.layer_names
+        }
         self._cache_dtype = str(vllm_config.cache_config.cache_dtype)
         # scheduler side
         self._pending: list[PrefixLoad] = []
-        self._whole_prompt: dict[str, list[int]] = {}  # request id -> its blocks, for requests vLLM computes whole
+        # request id -> its blocks per KV-cache group, for requests vLLM computes whole
+        self._whole_prompt: dict[str, list[list[int]]] = {}
         self._block_pool: BlockPool | None = None
         # worker side
         self._layers: dict[str, PrefixWriter] = {}
         self._kernel_block_size = 0
         self._first_write_checked = False
-        self._overwrites: SlotIndices | None = None
+        self._overwrites: dict[int, SlotIndices] | None = None
         self._overwritten: set[str] = set()
 
     # ------------------------------------------------------------------ scheduler side
@@ -148,9 +164,10 @@ class IntactKVConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens:
-            (block_ids,) = blocks.get_block_ids()
             end = loadable_prefix_end(len(self._prefix), request.num_tokens)
-            self._pending.append(PrefixLoad(tuple(block_ids), end - num_external_tokens, end))
+            for group, group_blocks in enumerate(blocks.blocks):
+                block_ids = tuple(NO_BLOCK if block.is_null else block.block_id for block in group_blocks)
+                self._pending.append(PrefixLoad(block_ids, end - num_external_tokens, end, group))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> IntactKVConnectorMetadata:
         metadata = IntactKVConnectorMetadata(loads=self._pending, overwrites=self._overwrites_of(scheduler_output))
@@ -164,41 +181,55 @@ class IntactKVConnector(KVConnectorBase_V1):
             if computes_whole_prompt(new.sampling_params, new.pooling_params) and starts_with_prefix(
                 new.prompt_token_ids, self._prefix
             ):
-                (ids,) = new.block_ids
-                self._whole_prompt[new.req_id] = list(ids)
+                self._whole_prompt[new.req_id] = [list(ids) for ids in new.block_ids]
                 computed[new.req_id] = new.num_computed_tokens
         cached = scheduler_output.scheduled_cached_reqs
         for index, req_id in enumerate(cached.req_ids):
             if req_id not in self._whole_prompt:
                 continue
             if (new_blocks := cached.new_block_ids[index]) is not None:
-                (ids,) = new_blocks
                 if req_id in cached.resumed_req_ids:
-                    self._whole_prompt[req_id] = list(ids)
+                    self._whole_prompt[req_id] = [list(ids) for ids in new_blocks]
                 else:
-                    self._whole_prompt[req_id].extend(ids)
+                    for held, ids in zip(self._whole_prompt[req_id], new_blocks, strict=True):
+                        held.extend(ids)
             computed[req_id] = cached.num_computed_tokens[index]
         overwrites = []
         for req_id, start in computed.items():
             end = min(len(self._prefix), start + scheduler_output.num_scheduled_tokens[req_id])
-            if start < end:
-                overwrites.append(PrefixLoad(tuple(self._whole_prompt[req_id]), start, end))
+            if start < end:  # positions computed in this step: every group holds a block for them
+                overwrites.extend(
+                    PrefixLoad(tuple(ids), start, end, group) for group, ids in enumerate(self._whole_prompt[req_id])
+                )
         return overwrites
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
         self._whole_prompt.pop(request.request_id, None)
         prompt = request.prompt_token_ids
         if prompt is not None and list(prompt) == list(self._prefix):
             # The prompt was the bare prefix: its last token had to be computed, not loaded,
             # so the block holding it must not serve later requests from the prefix cache.
-            self._forget_cached(block_ids[(len(self._prefix) - 1) // self._block_size :][:1])
+            last = len(self._prefix) - 1
+            self._forget_cached(
+                {
+                    ids[last // size]
+                    for ids, size in zip(block_ids, self._block_sizes, strict=True)
+                    if len(ids) > last // size
+                }
+            )
         return False, None
 
-    def _forget_cached(self, block_ids: list[int]) -> None:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call when its hybrid KV-cache manager is off (one KV-cache group)."""
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def _forget_cached(self, block_ids: set[int]) -> None:
         if self._block_pool is None:
             logger.warning("IntactKV: vLLM gave the connector no block pool; prefix-cache entries may mix K/V kinds")
             return
-        self._block_pool.evict_blocks(set(block_ids))
+        self._block_pool.evict_blocks(block_ids - {self._block_pool.null_block.block_id})
 
     # ------------------------------------------------------------------ worker side
 
@@ -213,11 +244,14 @@ class IntactKVConnector(KVConnectorBase_V1):
         rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         heads = kv_head_slice(self._config.num_key_value_heads, rank, size)
         attention = get_layers_from_vllm_config(self._vllm_config, Attention, list(kv_caches))
-        owners: dict[int, str] = {}
+        owners: dict[tuple[int, int], str] = {}  # layers of different KV-cache groups share tensors, not blocks
         for name, cache in kv_caches.items():
-            if cache.data_ptr() in owners:
-                raise ValueError(f"{owners[cache.data_ptr()]} and {name} share one KV cache; IntactKV cannot fill both")
-            owners[cache.data_ptr()] = name
+            if name not in self._group_of:
+                raise UnverifiableCacheError(f"KV cache {name} is in no KV-cache group vLLM configured. {_REMEDY}")
+            owner = (cache.data_ptr(), self._group_of[name])
+            if owner in owners:
+                raise ValueError(f"{owners[owner]} and {name} share one KV cache; IntactKV cannot fill both")
+            owners[owner] = name
             if name not in attention:
                 raise UnverifiableCacheError(f"KV cache {name} belongs to no attention layer IntactKV knows. {_REMEDY}")
             self._layers[name] = self._layer_prefix(name, cache, attention[name], stored, heads)
@@ -229,8 +263,15 @@ class IntactKVConnector(KVConnectorBase_V1):
         layouts = Counter(layer.layout.name for layer in self._layers.values())  # TurboQuant keeps 4 layers plain
         logger.info(
             "IntactKV: %d layers of a %d-token prefix from %s, KV heads %d..%d on tensor-parallel rank %d/%d, "
-            "written through the attention backend's own store (%s) and read back exactly",
-            len(self._layers), len(self._prefix), stored.source, heads.start, heads.stop - 1, rank, size,
+            "%d KV-cache group(s), written through the attention backend's own store (%s) and read back exactly",
+            len(self._layers),
+            len(self._prefix),
+            stored.source,
+            heads.start,
+            heads.stop - 1,
+            rank,
+            size,
+            len(self._block_sizes),
             "; ".join(f"{count} layers: {name}" for name, count in layouts.items()),
         )
 
@@ -276,7 +317,7 @@ class IntactKVConnector(KVConnectorBase_V1):
         """Write the whole prefix into the first free blocks of every layer, read it back, restore the blocks."""
         size = self._kernel_block_size
         blocks = tuple(range(-(-len(self._prefix) // size)))
-        slots = slot_indices([PrefixLoad(blocks, 0, len(self._prefix))], size, size)
+        slots = slot_indices([PrefixLoad(blocks, 0, len(self._prefix))], size, size)  # the layers' own numbering
         for layer in self._layers.values():
             try:
                 layer.self_test(slots.to(layer.cache.device))
@@ -289,7 +330,7 @@ class IntactKVConnector(KVConnectorBase_V1):
         assert isinstance(connector_metadata, IntactKVConnectorMetadata)
         self._overwritten.clear()
         overwrites = connector_metadata.overwrites
-        self._overwrites = self._slots(overwrites) if overwrites else None
+        self._overwrites = self._slots_per_group(overwrites) if overwrites else None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Write this step's loaded prefix positions; vLLM calls it before the forward pass when a load is due."""
@@ -297,18 +338,18 @@ class IntactKVConnector(KVConnectorBase_V1):
         assert isinstance(metadata, IntactKVConnectorMetadata)
         if not metadata.loads:
             return
-        slots = self._slots(metadata.loads)
-        for layer in self._layers.values():
-            layer.write(slots)
+        slots = self._slots_per_group(metadata.loads)
+        for name, layer in self._layers.items():
+            layer.write(slots[self._group_of[name]])
         if not self._first_write_checked:
-            for layer in self._layers.values():
-                layer.verify(slots)
+            for name, layer in self._layers.items():
+                layer.verify(slots[self._group_of[name]])
             self._first_write_checked = True
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Overwrite the prefix positions this step computed, after vLLM stored them and before attention reads."""
         if self._overwrites is not None and layer_name in self._layers:
-            self._layers[layer_name].write(self._overwrites)
+            self._layers[layer_name].write(self._overwrites[self._group_of[layer_name]])
             self._overwritten.add(layer_name)
 
     def save_kv_layer(
@@ -329,14 +370,20 @@ class IntactKVConnector(KVConnectorBase_V1):
             raise RuntimeError(
                 f"IntactKV: vLLM ran the attention of {len(missing)} layers ({missing[0]}, ...) without calling the "
                 "connector (a replayed full CUDA graph?), so prefix positions computed in this step hold the "
-                "quantized model's K/V. Serve with --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
+                'quantized model\'s K/V. Serve with --compilation-config \'{"cudagraph_mode": "PIECEWISE"}\' or '
                 "--enforce-eager."
             )
         self._overwrites = None
 
-    def _slots(self, loads: list[PrefixLoad]) -> SlotIndices:
+    def _slots_per_group(self, loads: list[PrefixLoad]) -> dict[int, SlotIndices]:
+        """Every KV-cache group's slots for ``loads`` (empty for a group without any)."""
         device = next(iter(self._layers.values())).cache.device
-        return slot_indices(loads, self._block_size, self._kernel_block_size).to(device)
+        return {
+            group: slot_indices([load for load in loads if load.group == group], size, self._kernel_block_size).to(
+                device
+            )
+            for group, size in enumerate(self._block_sizes)
+        }
 
 
 def _scale(layer: Attention, attribute: str, name: str) -> float:
@@ -353,4 +400,3 @@ def _scale(layer: Attention, attribute: str, name: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise UnverifiableCacheError(f"{name} has KV-cache scale {value}. {_REMEDY}")
     return value
-

@@ -286,6 +286,15 @@ def _configure(engine_args: Any) -> None:
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both"
     )
+    if (
+        first_chunk_reads_step_kv(str(engine_args.kv_cache_dtype))
+        and engine_args.disable_hybrid_kv_cache_manager is None
+    ):
+        # TurboQuant's unquantized boundary layers have been served (and proven) in one KV-cache group only
+        engine_args.disable_hybrid_kv_cache_manager = True
+        logger.info(
+            "IntactKV: vLLM's hybrid KV-cache manager is off under --kv-cache-dtype %s", engine_args.kv_cache_dtype
+        )
 
 
 def _local_folder(model: str, access: HubAccess) -> Path | None:
