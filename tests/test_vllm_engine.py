@@ -93,9 +93,9 @@ def references(model, prompts: list[list[int]]) -> tuple[list[torch.Tensor], lis
     return intact, plain
 
 
-def shifted_checkpoint(model_dir: Path, folder: Path, prefix: list[int] = PREFIX, words: int = 21) -> Served:
+def shifted_checkpoint(model_dir: Path, folder: Path, prefix: list[int] = PREFIX, suffix_length: int = 21) -> Served:
     """A tiny model with a prefix (3 tokens by default) whose stored K/V are shifted, saved in bfloat16 as vLLM
-    serves it; prompts of the prefix and ``words`` more tokens."""
+    serves it; prompts of the prefix and ``suffix_length`` more tokens."""
     model = load(model_dir)
     kv = capture_prefix_kv(model, prefix)
     generator = torch.Generator().manual_seed(3)
@@ -109,7 +109,7 @@ def shifted_checkpoint(model_dir: Path, folder: Path, prefix: list[int] = PREFIX
     for tokenizer_file in model_dir.glob("tokenizer*"):
         shutil.copy(tokenizer_file, folder)
 
-    words = [torch.randint(4, 124, (words,), generator=generator).tolist() for _ in range(5)]
+    words = [torch.randint(4, 124, (suffix_length,), generator=generator).tolist() for _ in range(5)]
     prompts = [prefix + w for w in words] + [w[:2] + prefix + w[2:] for w in words[:2]] + [prefix[:2] + words[0]]
     return Served(folder, prefix, prompts, *references(model, prompts))
 
@@ -131,7 +131,7 @@ def tiny_gemma3_long_prefix(tiny_model_dirs, tmp_path_factory) -> Served:
     model has 64 positions)."""
     prefix = [BOS, *torch.randint(4, 124, (47,), generator=torch.Generator().manual_seed(5)).tolist()]
     folder = tmp_path_factory.mktemp("served") / "tiny-gemma3-long-prefix"
-    return shifted_checkpoint(tiny_model_dirs["gemma3"], folder, prefix, words=12)
+    return shifted_checkpoint(tiny_model_dirs["gemma3"], folder, prefix, suffix_length=12)
 
 
 def first_token_distance(got: dict[str, float], want: torch.Tensor, other: torch.Tensor | None = None) -> float:
@@ -204,11 +204,11 @@ def test_references_tell_the_stored_prefix_apart(tiny):
         assert distance > 0.2 if tiny.starts_with_prefix(index) else distance == 0.0
 
 
-def assert_served_on_and_off(served: Served) -> EngineAnswer:
+def assert_served_on_and_off(served: Served, **settings) -> EngineAnswer:
     """One engine with the plugin and one without: each follows its reference, other prompts bit-identical.
     Returns the plugin's answer."""
     python = serving_python()
-    on, off = (run_engine(python, engine(served, plugin=plugin)) for plugin in (True, False))
+    on, off = (run_engine(python, engine(served, plugin=plugin, **settings)) for plugin in (True, False))
     assert_follows(served, on, intact=True)
     assert_follows(served, off, intact=False)
     assert_untouched(served, on, off)
@@ -234,15 +234,8 @@ def test_a_prefix_longer_than_the_sliding_window_is_written_only_where_each_laye
     """vLLM's hybrid KV-cache manager on (its default): the sliding-window and the full-attention layer are two
     KV-cache groups sharing one cache tensor, and the sliding-window group holds no block (vLLM's null block) for
     the prefix's first 32 positions, which have left its window; the full-attention layer needs all 48."""
-    served = tiny_gemma3_long_prefix
-    python = serving_python()
-    settings = dict(block_size=32)
-    on = run_engine(python, engine(served, plugin=True, **settings))
-    off = run_engine(python, engine(served, plugin=False, **settings))
+    on = assert_served_on_and_off(tiny_gemma3_long_prefix, block_size=32)
     assert "2 KV-cache group(s)" in on.log, on.log[-3000:]
-    assert_follows(served, on, intact=True)
-    assert_follows(served, off, intact=False)
-    assert_untouched(served, on, off)
 
 
 def test_chunked_prefill_splitting_the_prefix_keeps_it_intact(tiny):

@@ -264,16 +264,9 @@ class IntactKVConnector(KVConnectorBase_V1, SupportsHMA):
         logger.info(
             "IntactKV: %d layers of a %d-token prefix from %s, KV heads %d..%d on tensor-parallel rank %d/%d, "
             "%d KV-cache group(s), written through the attention backend's own store (%s) and read back exactly",
-            len(self._layers),
-            len(self._prefix),
-            stored.source,
-            heads.start,
-            heads.stop - 1,
-            rank,
-            size,
-            len(self._block_sizes),
-            "; ".join(f"{count} layers: {name}" for name, count in layouts.items()),
-        )
+            len(self._layers), len(self._prefix), stored.source, heads.start, heads.stop - 1, rank, size,
+            len(self._block_sizes), "; ".join(f"{count} layers: {name}" for name, count in layouts.items()),
+        )  # fmt: skip
 
     def _layer_prefix(
         self, name: str, cache: torch.Tensor, layer: Attention, stored: StoredPrefix, heads: slice
@@ -317,7 +310,7 @@ class IntactKVConnector(KVConnectorBase_V1, SupportsHMA):
         """Write the whole prefix into the first free blocks of every layer, read it back, restore the blocks."""
         size = self._kernel_block_size
         blocks = tuple(range(-(-len(self._prefix) // size)))
-        slots = slot_indices([PrefixLoad(blocks, 0, len(self._prefix))], size, size)  # the layers' own numbering
+        slots = slot_indices([PrefixLoad(blocks, 0, len(self._prefix))], size, size)
         for layer in self._layers.values():
             try:
                 layer.self_test(slots.to(layer.cache.device))
@@ -370,7 +363,7 @@ class IntactKVConnector(KVConnectorBase_V1, SupportsHMA):
             raise RuntimeError(
                 f"IntactKV: vLLM ran the attention of {len(missing)} layers ({missing[0]}, ...) without calling the "
                 "connector (a replayed full CUDA graph?), so prefix positions computed in this step hold the "
-                'quantized model\'s K/V. Serve with --compilation-config \'{"cudagraph_mode": "PIECEWISE"}\' or '
+                "quantized model's K/V. Serve with --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
                 "--enforce-eager."
             )
         self._overwrites = None
@@ -378,10 +371,11 @@ class IntactKVConnector(KVConnectorBase_V1, SupportsHMA):
     def _slots_per_group(self, loads: list[PrefixLoad]) -> dict[int, SlotIndices]:
         """Every KV-cache group's slots for ``loads`` (empty for a group without any)."""
         device = next(iter(self._layers.values())).cache.device
+        by_group: dict[int, list[PrefixLoad]] = {group: [] for group in range(len(self._block_sizes))}
+        for load in loads:
+            by_group[load.group].append(load)
         return {
-            group: slot_indices([load for load in loads if load.group == group], size, self._kernel_block_size).to(
-                device
-            )
+            group: slot_indices(by_group[group], size, self._kernel_block_size).to(device)
             for group, size in enumerate(self._block_sizes)
         }
 

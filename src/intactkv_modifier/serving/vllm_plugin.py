@@ -13,6 +13,8 @@ plugin cannot know whether the model declares IntactKV and stops vLLM with the
 reason, unless :data:`ALLOW_PLAIN_ENV` is set, which serves without IntactKV
 after a warning. LoRA adapters are refused on IntactKV checkpoints: an adapter
 on ``k_proj``/``v_proj`` changes the prefix's K/V, which the stored ones are not.
+The connector keeps vLLM's hybrid KV-cache manager on (vLLM decides), except
+under TurboQuant, where the wrapper turns it off unless the user chose.
 ``register`` also wraps vLLM's request validation (``InputProcessor._validate_params``):
 under a TurboQuant cache, whose first prefill chunk the connector cannot reach,
 requests that compute their whole prompt are refused with the reason
@@ -286,11 +288,9 @@ def _configure(engine_args: Any) -> None:
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both"
     )
-    if (
-        first_chunk_reads_step_kv(str(engine_args.kv_cache_dtype))
-        and engine_args.disable_hybrid_kv_cache_manager is None
-    ):
-        # TurboQuant's unquantized boundary layers have been served (and proven) in one KV-cache group only
+    turboquant = str(engine_args.kv_cache_dtype) in TURBOQUANT_CACHE_DTYPES
+    if turboquant and engine_args.disable_hybrid_kv_cache_manager is None:
+        # TurboQuant (its unquantized boundary layers included) has been served and proven in one KV-cache group only
         engine_args.disable_hybrid_kv_cache_manager = True
         logger.info(
             "IntactKV: vLLM's hybrid KV-cache manager is off under --kv-cache-dtype %s", engine_args.kv_cache_dtype
