@@ -115,8 +115,8 @@ class EngineRun(_Frozen):
     gpu_memory_utilization: float | None = None
     #: Tokens per KV-cache block, the prefix cache's unit (None: the backend's default, 128 on vLLM-CPU).
     block_size: int | None = None
-    #: vLLM's hybrid KV-cache manager (sliding-window models) off when True; None lets vLLM decide, which turns it
-    #: off whenever a KV connector that does not support it, such as the plugin's, is configured.
+    #: vLLM's hybrid KV-cache manager (sliding-window models) off when True; None lets vLLM decide (on for them,
+    #: the plugin's connector included, except under TurboQuant, where the plugin turns it off).
     disable_hybrid_kv_cache_manager: bool | None = None
     jobs: list[Job] = []
 
