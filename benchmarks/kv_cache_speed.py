@@ -7,7 +7,9 @@ optimum-quanto int4 and int2 and with HQQ int4 (where the backend is installed a
 runs); ours, ``KeyFavoredQuantizedCache`` K4V2 and K2V2, each on the packed
 attention path and on the reference path (dequantize the past, then attend); with
 ``--compiled`` also ours K4V2 static (``StaticKeyFavoredQuantizedCache``) under the
-same compile, with its fused decode attention (``static_implementation``).
+same compile, with its decode attention (``static_implementation``: the Triton kernel over the stored codes
+on a GPU, sums that inductor fuses with the reads on a CPU) and, with ``--static-attention both``, with the plain
+``--attention`` over the past the step reads out in full precision.
 
 Speed is measured on a random-weight Llama shape (``--hidden`` ...): each context
 is prefilled once with the FP cache and its K/V written into every cache (so no
@@ -95,7 +97,7 @@ class CacheKind:
     settings: KVQuantSettings | None = None
     #: static shapes: the forward runs compiled, over one cache object per batch refilled every round
     compiled: bool = False
-    #: compiled with our fused decode attention (``static_implementation``) instead of the plain ``--attention``
+    #: compiled with our static decode attention (``static_implementation``) instead of the plain ``--attention``
     fused_attention: bool = False
 
 
@@ -138,8 +140,8 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
     return kinds
 
 
-#: ``--static-attention``: the attention(s) ours static is compiled with (fused: ``static_implementation``;
-#: the plain ``--attention``, which reads a dequantized copy of the past written out by the step)
+#: ``--static-attention``: the attention(s) ours static is compiled with (fused: ``static_implementation``, the
+#: Triton kernel on a GPU; plain: ``--attention``, which reads a dequantized copy of the past written out by the step)
 STATIC_ATTENTIONS = {"fused": ("fused",), "plain": ("plain",), "both": ("fused", "plain")}
 
 
@@ -178,7 +180,7 @@ def held_bytes(root: object) -> int:
 def speed_model(args: argparse.Namespace, attention: str = "packed") -> PreTrainedModel:
     """The random-weight model (``seed``: the same weights on every call) with ``attention``: ``packed`` (our
     packed path, falling back to ``--attention`` for other caches), ``plain`` (``--attention``) or ``fused``
-    (the static cache's fused decode attention over ``--attention``)."""
+    (the static cache's decode attention, ``static_implementation``, over ``--attention``)."""
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or args.hidden * 2,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -200,7 +202,7 @@ class Decoder:
     """Decodes through the model eager, or (compiled kinds) through a compiled forward of a copy of it.
 
     A compiled copy has plain ``--attention`` (no packed attention function for the compiler to trace), or our
-    fused decode attention for ours static; the same weights (same seed). The decoder keeps one static cache per
+    static decode attention for ours static; the same weights (same seed). The decoder keeps one static cache per
     kind, batch and length, refilled every round: a new cache object would make the compiled graph and its CUDA
     graphs be built again inside the timing.
     """
@@ -501,7 +503,8 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true",
                         help="add FP StaticCache and ours K4V2 static, each with the forward compiled")
     parser.add_argument("--static-attention", default="fused", choices=sorted(STATIC_ATTENTIONS),
-                        help="compile ours static with the fused decode attention, the plain --attention, or both")
+                        help="compile ours static with its decode attention (static_implementation), the plain "
+                        "--attention, or both")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0,
                         help="memory bandwidth (GB/s): every figure also as a share of the physical limit")
     parser.add_argument("--hidden", type=int, default=512)

@@ -34,9 +34,12 @@ def _prompts(tokenizer, lengths: tuple[int, ...]) -> list[list[int]]:
 
 
 def _generate(model, ids, mask, cache, compile_config: CompileConfig | None = None, new_tokens: int = 40):
+    """Greedy tokens and logits; compiled only with ``compile_config`` (on a GPU generate would compile a
+    static cache's steps by itself)."""
     return model.generate(
         input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
         pad_token_id=0, return_dict_in_generate=True, output_logits=True, compile_config=compile_config,
+        disable_compile=compile_config is None,
     )
 
 
@@ -195,10 +198,13 @@ def test_memory_held_is_the_packed_format_of_max_cache_len_plus_the_exact_prefix
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_replay_the_decode_step_with_the_eager_tokens(tiny_model_dirs):
+@pytest.mark.parametrize("group_size", [8, 16])
+def test_cuda_graphs_replay_the_decode_step_with_the_eager_tokens(tiny_model_dirs, group_size):
     """``mode="reduce-overhead"``: the step is captured once and replayed; its tokens are the eager ones.
 
-    In float32, so that the fused attention (float32 sums) and eager sdpa differ by reordering only.
+    Groups of 8 tokens are below the Triton kernel's smallest tile: the compiled step attends through the fused
+    sums, the eager one through sdpa; groups of 16: the kernel, eagerly and replayed. In float32, so that the two
+    differ by the order of the sums only.
     """
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -206,8 +212,13 @@ def test_cuda_graphs_replay_the_decode_step_with_the_eager_tokens(tiny_model_dir
     model = load(tiny_model_dirs["llama"]).to("cuda")
     model.set_attn_implementation(static_implementation("sdpa"))
     ids = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(2)).cuda()
-    eager = _generate(model, ids, None, _static(model, 2))
-    compiled = _generate(model, ids, None, _static(model, 2), CompileConfig(fullgraph=True))
+    settings = KVQuantSettings.from_bits(4, 2, group_size=group_size, residual_length=4)
+
+    def cache() -> StaticKeyFavoredQuantizedCache:
+        return StaticKeyFavoredQuantizedCache(model.config, settings, MAX_CACHE_LEN, full_precision_prefix=2)
+
+    eager = _generate(model, ids, None, cache())
+    compiled = _generate(model, ids, None, cache(), CompileConfig(fullgraph=True))
 
     assert torch.equal(compiled.sequences, eager.sequences)
     bound = two_forwards(model.config, MAX_CACHE_LEN)

@@ -1,12 +1,14 @@
-"""When a decode step can run the Triton kernel, and its call: the layout checks between the cache and the kernel.
+"""When a decode step can run a Triton kernel, and its call: the layout checks between a cache and its kernel.
 
-The kernel (:mod:`~intactkv_modifier.kv_quant.decode_kernel`) covers the common
-case: one query token per row, keys per channel and values per token (the
-defaults), a power-of-two head_dim up to 256, no logit softcap, on a CUDA device
-with Triton installed. Anything else returns ``None`` and the caller attends
-through the torch ops of :mod:`~intactkv_modifier.kv_quant.packed_ops`, which
-stay the reference the kernel is tested against. ``TRITON_INTERPRET=1`` lets the
-kernel run on CPU tensors (slowly), which is how it is tested without a GPU.
+The kernels (:mod:`~intactkv_modifier.kv_quant.decode_kernel` over the dynamic
+cache's segments, :mod:`~intactkv_modifier.kv_quant.static_decode_kernel` over the
+static cache's buffers) cover the common case: one query token per row, keys per
+channel and values per token (the defaults), a power-of-two head_dim up to 256,
+no logit softcap, on a CUDA device with Triton installed. Anything else returns
+``None`` and the caller attends through torch ops (the dynamic cache's
+:mod:`~intactkv_modifier.kv_quant.packed_ops`, the static cache's own reads), which
+stay the reference the kernels are tested against. ``TRITON_INTERPRET=1`` lets
+the kernels run on CPU tensors (slowly), which is how they are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from intactkv_modifier.kv_quant.settings import TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment, quantized_layout
 
-__all__ = ["kernel_decode", "kernel_available"]
+if TYPE_CHECKING:
+    from intactkv_modifier.kv_quant.static_cache import StaticKeyFavoredQuantizedLayer
+
+__all__ = ["kernel_available", "kernel_decode", "static_kernel_decode"]
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,30 +55,17 @@ def kernel_decode(
     ``keys``/``values`` are one row group's stored segments in slot order, ``new_*``
     the exact states of the current token, ``mask`` ``[b, 1, 1, columns]`` over all of them.
     """
-    head_dim = query.shape[-1]
-    if (
-        query.shape[3] != 1
-        or (mask is not None and mask.shape[1:3] != (1, 1))
-        or softcap is not None
-        or query.dtype not in _DTYPES
-        or not kernel_available(query.device)
-        or head_dim & (head_dim - 1)
-        or not 16 <= head_dim <= 256
-    ):
+    if query.shape[3] != 1 or not _query_supported(query[:, :, :, 0], mask, softcap):
         return None
     key_layout, value_layout = quantized_layout(keys), quantized_layout(values)
     if key_layout is None or value_layout is None or key_layout[1:] != value_layout[1:]:
         return None
     quantized_keys, exact_before, skip = key_layout
     quantized_values = value_layout[0]
-    if quantized_keys is not None:
-        key_settings, value_settings = quantized_keys.tensor.settings, quantized_values.tensor.settings
-        if (
-            key_settings.granularity != "per_channel"
-            or value_settings.granularity != "per_token"
-            or math.gcd(key_settings.group_size, 64) < 16
-        ):
-            return None
+    if quantized_keys is not None and not _settings_supported(
+        quantized_keys.tensor.settings, quantized_values.tensor.settings
+    ):
+        return None
     from intactkv_modifier.kv_quant.decode_kernel import decode_attention  # imports triton: only when it runs
 
     exact_keys = torch.cat([*(s for s in keys if not isinstance(s, QuantizedSegment)), new_keys], dim=2)
@@ -87,3 +81,57 @@ def kernel_decode(
         None if mask is None else mask[:, 0, 0],
         scaling,
     ).unsqueeze(3)
+
+
+def static_kernel_decode(
+    query: torch.Tensor,
+    layer: StaticKeyFavoredQuantizedLayer,
+    quantized_tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor | None:
+    """Attention output ``[b, 1, heads, d]`` for ``query`` ``[b, heads, 1, d]`` over the static cache ``layer``
+    after its decode step (``quantized_tokens`` of its slots attended quantized), or ``None`` where unsupported."""
+    batch, heads, _, head_dim = query.shape
+    grouped = query[:, :, 0].unflatten(1, (layer.key_store.prefix.shape[1], -1))  # [b, kv_heads, group, d]
+    if not _query_supported(grouped, mask, softcap) or not _settings_supported(
+        layer.key_settings, layer.value_settings
+    ):
+        return None
+    from intactkv_modifier.kv_quant.static_decode_kernel import static_kernel_attention  # imports triton
+
+    keys, values = layer.key_store, layer.value_store
+    output = static_kernel_attention(
+        grouped,
+        (keys.prefix, values.prefix),
+        (keys.quantized(), values.quantized()),
+        (keys.ring, values.ring),
+        quantized_tokens,
+        layer.length - layer.prefix_length - quantized_tokens,
+        None if mask is None else mask[:, 0, 0],
+        scaling,
+    )
+    return output.reshape(batch, heads, head_dim).unsqueeze(1)
+
+
+def _query_supported(query: torch.Tensor, mask: torch.Tensor | None, softcap: float | None) -> bool:
+    """Whether the kernels take ``query`` ``[b, kv_heads, group, d]`` (one token per row) under ``mask``."""
+    head_dim = query.shape[-1]
+    return (
+        (mask is None or mask.shape[1:3] == (1, 1))
+        and softcap is None
+        and query.dtype in _DTYPES
+        and kernel_available(query.device)
+        and not head_dim & (head_dim - 1)
+        and 16 <= head_dim <= 256
+    )
+
+
+def _settings_supported(keys: TensorQuantSettings, values: TensorQuantSettings) -> bool:
+    """Keys per channel in groups of a multiple of 16 tokens (the smallest tile), values per token."""
+    return (
+        keys.granularity == "per_channel"
+        and values.granularity == "per_token"
+        and math.gcd(keys.group_size, 64) >= 16
+    )

@@ -1,18 +1,26 @@
-"""Decode attention written as element-wise products and sums, so that a compiler fuses the cache's reads into it.
+"""Decode attention over the static quantized cache: its Triton kernel where it runs, else sums a compiler fuses.
 
+A decode step of
 :class:`~intactkv_modifier.kv_quant.static_cache.StaticKeyFavoredQuantizedCache`
 hands attention every slot of the past position by position, each one read from
 the packed codes (unpacked, scaled, offset) or from the exact ring. Given to
 sdpa or to a matrix product, that past is first written out in full precision
-(twice the bytes of a full-precision cache, read and written). Written instead as
-``sum(q * k)`` over the head and ``sum(p * v)`` over the tokens, the reads become
-the producers of two reductions, which ``torch.compile``'s inductor fuses into
-them: a compiled step reads the codes, not a dequantized copy.
+(twice the bytes of a full-precision cache, read and written). Two ways around it:
 
-Registered as ``intactkv_static_<base>`` (``eager`` or ``sdpa``): it runs only for
-one query token under ``torch.compile``; an eager call, a prefill, training or
-attention sinks go to ``<base>`` unchanged (eagerly the broadcast products would
-hold ``group x context x head_dim`` floats).
+* where the Triton kernels run (:mod:`~intactkv_modifier.kv_quant.fast_decode`'s
+  conditions: a CUDA device, or ``TRITON_INTERPRET=1``), attention takes the layer
+  its decode step hands over (:func:`~intactkv_modifier.kv_quant.static_cache.take_decode_step`)
+  and reads prefix, codes and ring where they are stored, split across the GPU
+  (:mod:`~intactkv_modifier.kv_quant.static_decode_kernel`), eagerly or compiled;
+* elsewhere under ``torch.compile``, attention is written as ``sum(q * k)`` over
+  the head and ``sum(p * v)`` over the tokens, so the reads become the producers of
+  two reductions, which inductor fuses into them: the codes are read, not a
+  dequantized copy (the CPU's compiled path).
+
+Registered as ``intactkv_static_<base>`` (``eager`` or ``sdpa``): anything else (an
+eager call without the kernel, a prefill, training, attention sinks) goes to
+``<base>`` unchanged (eagerly the broadcast products would hold
+``group x context x head_dim`` floats).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from typing import Any
 import torch
 
 from intactkv_modifier.kv_quant.attention import STATIC_PREFIX, attention_scaling, base_attention, register_over_base
+from intactkv_modifier.kv_quant.fast_decode import static_kernel_decode
+from intactkv_modifier.kv_quant.static_cache import take_decode_step
 
 __all__ = ["static_decode_attention", "static_implementation"]
 
@@ -41,8 +51,15 @@ def static_decode_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention of one query token per row, ``[batch, 1, heads, head_dim]`` like eager; others go to the base."""
-    fused = torch.compiler.is_compiling() and query.shape[2] == 1 and not module.training
-    if not fused or kwargs.get("s_aux") is not None:
+    step = take_decode_step(key)
+    one_token = query.shape[2] == 1 and not module.training and kwargs.get("s_aux") is None
+    if step is not None and one_token:
+        output = static_kernel_decode(
+            query, *step, attention_mask, attention_scaling(module, kwargs), kwargs.get("softcap")
+        )
+        if output is not None:
+            return output, None
+    if not (one_token and torch.compiler.is_compiling()):
         return base_attention(module)(module, query, key, value, attention_mask, **kwargs)
     batch, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]

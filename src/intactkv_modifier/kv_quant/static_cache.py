@@ -49,7 +49,12 @@ from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, qu
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import quantizable_tokens
 
-__all__ = ["StaticKeyFavoredQuantizedCache", "StaticKeyFavoredQuantizedLayer", "StaticTokenStore"]
+__all__ = [
+    "StaticKeyFavoredQuantizedCache",
+    "StaticKeyFavoredQuantizedLayer",
+    "StaticTokenStore",
+    "take_decode_step",
+]
 
 
 class StaticTokenStore:
@@ -231,7 +236,9 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.value_store.decode(value_states, slot, before, after)
         self.length.add_(1)
         slots = self.max_cache_len
-        return self.key_store.read(before, self.dtype, slots), self.value_store.read(before, self.dtype, slots)
+        keys, values = self.key_store.read(before, self.dtype, slots), self.value_store.read(before, self.dtype, slots)
+        _hand_over(self, keys, before)
+        return keys, values
 
     def quantized_tokens(self, length: torch.Tensor) -> torch.Tensor:
         """Slots in the quantized region once a row holds ``length`` (a device tensor): the dynamic cache's count."""
@@ -280,6 +287,8 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
             self.key_store.zero_()
             self.value_store.zero_()
             self.length.zero_()
+        if _HANDOFF.layer is self:
+            _hand_over(None, None, None)
         self.prefilled = False
         self._host_length = 0
 
@@ -299,6 +308,42 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("a static cache's batch size is fixed at its first update; build it per batch")
+
+
+class _DecodeHandoff:
+    """The layer whose decode step ran last, for the attention call after it: transformers hands attention only
+    the tensors ``update`` returned, and a kernel that reads the stored codes needs the layer's buffers.
+
+    Plain attributes of a module-level object: ``torch.compile`` traces setting and reading them within the step
+    (in the compiled graph the returned read is then unused and dropped). Under an attention that never takes it
+    (plain sdpa) the last layer stays referenced until the next static decode step or ``reset``.
+    """
+
+    layer: StaticKeyFavoredQuantizedLayer | None = None
+    keys: torch.Tensor | None = None
+    quantized_tokens: torch.Tensor | None = None
+
+
+_HANDOFF = _DecodeHandoff()
+
+
+def _hand_over(
+    layer: StaticKeyFavoredQuantizedLayer | None, keys: torch.Tensor | None, quantized_tokens: torch.Tensor | None
+) -> None:
+    _HANDOFF.layer, _HANDOFF.keys, _HANDOFF.quantized_tokens = layer, keys, quantized_tokens
+
+
+def take_decode_step(keys: torch.Tensor) -> tuple[StaticKeyFavoredQuantizedLayer, torch.Tensor] | None:
+    """The layer and the quantized slots its decode step attends, if ``keys`` is what that step just returned.
+
+    Clears the handoff whatever the answer, so a stale layer is never read: attention called with any other
+    keys (another cache, no cache, a prefill) gets ``None``.
+    """
+    layer, keys_handed, quantized_tokens = _HANDOFF.layer, _HANDOFF.keys, _HANDOFF.quantized_tokens
+    _HANDOFF.layer = _HANDOFF.keys = _HANDOFF.quantized_tokens = None
+    if layer is None or keys_handed is not keys:
+        return None
+    return layer, quantized_tokens
 
 
 def _shared_block(keys: TensorQuantSettings, values: TensorQuantSettings) -> int:
