@@ -132,8 +132,9 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
             for attention in STATIC_ATTENTIONS[args.static_attention]:
                 kinds.append(CacheKind(
                     f"ours {settings.label()} static compiled" + ("" if attention == "fused" else f", {attention}"),
-                    lambda model, length, settings=settings: StaticKeyFavoredQuantizedCache(
-                        model.config, settings, length, full_precision_prefix=args.prefix_length
+                    lambda model, length, settings=settings, fused=attention == "fused": StaticKeyFavoredQuantizedCache(
+                        model.config, settings, length, full_precision_prefix=args.prefix_length,
+                        static_attention=fused,  # built with the eager model's config: say which copy reads it
                     ),
                     settings, compiled=True, fused_attention=attention == "fused",
                 ))

@@ -66,14 +66,19 @@ def test_decoding_through_the_kernel_matches_the_static_read_path(tiny_model_dir
 
 
 def test_attention_handed_other_keys_gets_no_layer(tiny_model_dirs):
-    """The handoff holds the last decode step's layer only for the keys that step returned, and only once."""
+    """The handoff holds the last decode step's layer only for the keys that step returned, and only once; a cache
+    built for another attention hands nothing over."""
     model = load(tiny_model_dirs["llama"]).to(DEVICE)
-    cache = StaticKeyFavoredQuantizedCache(model.config, SETTINGS, MAX_CACHE_LEN)
     ids = torch.randint(3, 100, (1, 13), device=DEVICE)
+    states = torch.randn(1, 2, 1, 32, device=DEVICE)
     with torch.no_grad():
+        plain = StaticKeyFavoredQuantizedCache(model.config, SETTINGS, MAX_CACHE_LEN)  # sdpa: no handoff
+        model(ids, past_key_values=plain)
+        keys, _ = plain.layers[0].update(states, states)
+        assert take_decode_step(keys) is None
+        cache = StaticKeyFavoredQuantizedCache(model.config, SETTINGS, MAX_CACHE_LEN, static_attention=True)
         model(ids, past_key_values=cache)  # prefill: nothing handed over
         layer = cache.layers[0]
-        states = torch.randn(1, 2, 1, 32, device=DEVICE)
         keys, _ = layer.update(states, states)
         assert take_decode_step(states) is None  # other keys: not this step's
         assert take_decode_step(keys) is None  # cleared by the first take

@@ -9,7 +9,7 @@ hurts most) in full precision.
 * :class:`KVQuantSettings`: bits, grouping, residual window, per-layer overrides (JSON)
 * :class:`KeyFavoredQuantizedCache`: the transformers ``Cache``, with packed storage
 * :class:`StaticKeyFavoredQuantizedCache`: the same in preallocated buffers, for ``torch.compile`` / CUDA graphs,
-  with :func:`static_implementation`, its fused decode attention
+  with :func:`static_implementation`, its decode attention (a Triton kernel on a GPU, fused sums elsewhere)
 * :func:`install_kv_quantization`: make a model's forward and ``generate()`` use it
 * :func:`allocate_bits`: per-layer bits from the K/V projection norms under a budget
 """

@@ -49,6 +49,7 @@ __all__ = [
     "register_over_base",
     "supports_packed_attention",
     "uses_packed_attention",
+    "uses_static_attention",
 ]
 
 _PREFIX = "intactkv_packed_"
@@ -115,6 +116,10 @@ def base_implementation(name: str) -> str:
 
 def uses_packed_attention(config: PretrainedConfig) -> bool:
     return (getattr(config, "_attn_implementation", None) or "").startswith(_PREFIX)
+
+
+def uses_static_attention(config: PretrainedConfig) -> bool:
+    return (getattr(config, "_attn_implementation", None) or "").startswith(STATIC_PREFIX)
 
 
 def attention_scaling(module: torch.nn.Module, kwargs: dict[str, Any]) -> float:

@@ -28,7 +28,10 @@ the ring), with the new token exact, under the causal/padding mask transformers
 builds for a static cache: slots not yet written are masked. Eagerly this builds
 a dequantized copy of the whole buffer each step; compiled, the copy is a chain
 of element-wise operations that the compiler can fuse into the attention that
-reads it (:mod:`~intactkv_modifier.kv_quant.static_attention`).
+reads it. With the cache's own decode attention
+(:mod:`~intactkv_modifier.kv_quant.static_attention`) the step also hands its
+layer over (:func:`take_decode_step`), so that a Triton kernel can read the
+buffers as stored instead, and the read goes unused.
 
 Prefill runs once, on an empty cache, with at least ``full_precision_prefix``
 tokens; a later call of several tokens (chunked prefill, a second turn) is
@@ -45,6 +48,8 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from intactkv_modifier.architecture import kv_geometry, text_config
+from intactkv_modifier.kv_quant.attention import uses_static_attention
+from intactkv_modifier.kv_quant.fast_decode import kernel_available
 from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, quantize
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import quantizable_tokens
@@ -172,6 +177,9 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
 
     :param max_cache_len: slots of a row, prefix included (the longest prompt plus generated tokens)
     :param full_precision_prefix: leading slots of every row kept exact
+    :param hand_over: hand the layer to the attention call after each decode step (:func:`take_decode_step`):
+        only for the cache's own attention, which takes it; under any other the handed read would become an
+        output of a compiled step, written out in full
     """
 
     is_compileable = True
@@ -185,6 +193,7 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         residual_length: int,
         max_cache_len: int,
         full_precision_prefix: int = 0,
+        hand_over: bool = False,
     ):
         super().__init__()
         if not 0 <= full_precision_prefix <= max_cache_len:
@@ -193,6 +202,7 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.residual_length = residual_length
         self.max_cache_len = max_cache_len
         self.prefix_length = full_precision_prefix
+        self.hand_over = hand_over
         self.block = _shared_block(key_settings, value_settings)
         self.capacity = -(-(max_cache_len - full_precision_prefix) // self.block) * self.block
         self.prefilled = False  # host flag set once, by the eager prefill: never changes during decoding
@@ -237,7 +247,8 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.length.add_(1)
         slots = self.max_cache_len
         keys, values = self.key_store.read(before, self.dtype, slots), self.value_store.read(before, self.dtype, slots)
-        _hand_over(self, keys, before)
+        if self.hand_over and kernel_available(self.device):  # nothing else reads it
+            _hand_over(self, keys, before)
         return keys, values
 
     def quantized_tokens(self, length: torch.Tensor) -> torch.Tensor:
@@ -287,8 +298,6 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
             self.key_store.zero_()
             self.value_store.zero_()
             self.length.zero_()
-        if _HANDOFF.layer is self:
-            _hand_over(None, None, None)
         self.prefilled = False
         self._host_length = 0
 
@@ -315,8 +324,8 @@ class _DecodeHandoff:
     the tensors ``update`` returned, and a kernel that reads the stored codes needs the layer's buffers.
 
     Plain attributes of a module-level object: ``torch.compile`` traces setting and reading them within the step
-    (in the compiled graph the returned read is then unused and dropped). Under an attention that never takes it
-    (plain sdpa) the last layer stays referenced until the next static decode step or ``reset``.
+    (in the compiled graph the returned read is then unused and dropped). Only layers built for the cache's own
+    attention hand over (``hand_over``), so nothing waits here for an attention that never takes it.
     """
 
     layer: StaticKeyFavoredQuantizedLayer | None = None
@@ -327,9 +336,7 @@ class _DecodeHandoff:
 _HANDOFF = _DecodeHandoff()
 
 
-def _hand_over(
-    layer: StaticKeyFavoredQuantizedLayer | None, keys: torch.Tensor | None, quantized_tokens: torch.Tensor | None
-) -> None:
+def _hand_over(layer: StaticKeyFavoredQuantizedLayer, keys: torch.Tensor, quantized_tokens: torch.Tensor) -> None:
     _HANDOFF.layer, _HANDOFF.keys, _HANDOFF.quantized_tokens = layer, keys, quantized_tokens
 
 
@@ -359,9 +366,13 @@ class StaticKeyFavoredQuantizedCache(Cache):
     :param max_cache_len: slots of a row (prompt, left padding included, plus generated tokens)
     :param full_precision_prefix: leading slots of every row kept in full precision: the IntactKV prefix length,
         plus the largest left padding of the batch for a padded batch (then pads never enter a quantization group)
+    :param static_attention: whether the model attends with the cache's own decode attention
+        (:func:`~intactkv_modifier.kv_quant.static_attention.static_implementation`); by default read from
+        ``config``, so set the implementation before building the cache
 
     Example::
 
+        model.set_attn_implementation(static_implementation("sdpa"))
         cache = StaticKeyFavoredQuantizedCache(model.config, KVQuantSettings(), max_cache_len=4096)
         model.forward = torch.compile(model.forward, mode="reduce-overhead")
         model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
@@ -373,6 +384,7 @@ class StaticKeyFavoredQuantizedCache(Cache):
         settings: KVQuantSettings,
         max_cache_len: int,
         full_precision_prefix: int = 0,
+        static_attention: bool | None = None,
     ):
         layer_types, _ = get_layer_types_and_kwargs(text_config(config))
         unsupported = sorted(set(layer_types) - {"full_attention"})
@@ -383,9 +395,10 @@ class StaticKeyFavoredQuantizedCache(Cache):
             )
         geometry = kv_geometry(config)
         settings.check_model(geometry)
+        hand_over = uses_static_attention(config) if static_attention is None else static_attention
         layers = [
             StaticKeyFavoredQuantizedLayer(
-                *settings.for_layer(index), settings.residual_length, max_cache_len, full_precision_prefix
+                *settings.for_layer(index), settings.residual_length, max_cache_len, full_precision_prefix, hand_over
             )
             for index in range(geometry.num_layers)
         ]
