@@ -177,9 +177,9 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
 
     :param max_cache_len: slots of a row, prefix included (the longest prompt plus generated tokens)
     :param full_precision_prefix: leading slots of every row kept exact
-    :param hand_over: hand the layer to the attention call after each decode step (:func:`take_decode_step`):
-        only for the cache's own attention, which takes it; under any other the handed read would become an
-        output of a compiled step, written out in full
+    :param hand_over: hand the layer to the attention call after each decode step (:func:`take_decode_step`)
+        where the Triton kernel runs: only for the cache's own attention, which takes it; under any other the
+        handed read would become an output of a compiled step, written out in full
     """
 
     is_compileable = True
@@ -247,7 +247,7 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.length.add_(1)
         slots = self.max_cache_len
         keys, values = self.key_store.read(before, self.dtype, slots), self.value_store.read(before, self.dtype, slots)
-        if self.hand_over and kernel_available(self.device):  # nothing else reads it
+        if self.hand_over and kernel_available(self.device):  # the kernel is the handoff's only reader
             _hand_over(self, keys, before)
         return keys, values
 
@@ -325,7 +325,9 @@ class _DecodeHandoff:
 
     Plain attributes of a module-level object: ``torch.compile`` traces setting and reading them within the step
     (in the compiled graph the returned read is then unused and dropped). Only layers built for the cache's own
-    attention hand over (``hand_over``), so nothing waits here for an attention that never takes it.
+    attention hand over (``hand_over``), and only where the kernel runs, so nothing waits here for an attention
+    that never takes it, and a CPU's compiled step stays the graph it was (with the handoff, torch 2.13's inductor
+    crashed on it with avx2 kernels).
     """
 
     layer: StaticKeyFavoredQuantizedLayer | None = None
