@@ -130,13 +130,14 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
             ))
         if args.compiled and (key_bits, value_bits) == (4, 2):
             for attention in STATIC_ATTENTIONS[args.static_attention]:
+                fused = attention == "fused"
                 kinds.append(CacheKind(
-                    f"ours {settings.label()} static compiled" + ("" if attention == "fused" else f", {attention}"),
-                    lambda model, length, settings=settings, fused=attention == "fused": StaticKeyFavoredQuantizedCache(
+                    f"ours {settings.label()} static compiled" + ("" if fused else f", {attention}"),
+                    lambda model, length, settings=settings, fused=fused: StaticKeyFavoredQuantizedCache(
                         model.config, settings, length, full_precision_prefix=args.prefix_length,
                         static_attention=fused,  # built with the eager model's config: say which copy reads it
                     ),
-                    settings, compiled=True, fused_attention=attention == "fused",
+                    settings, compiled=True, fused_attention=fused,
                 ))
     return kinds
 

@@ -76,7 +76,7 @@ def _mask_scores(scores, mask_ptr, mask_stride, columns, valid, MASK_KIND: tl.co
 
 @triton.jit
 def load_query(query_ptr, row, head, q_row, q_head, q_group,
-                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The GQA group's queries ``[GROUP_PAD, HEAD_DIM]``, zero rows past ``GROUP`` (a dot needs 16 rows)."""
     queries = tl.arange(0, GROUP_PAD)
     return tl.load(
@@ -87,7 +87,7 @@ def load_query(query_ptr, row, head, q_row, q_head, q_group,
 
 @triton.jit
 def attend_tile(query, keys, values, valid, mask_ptr, mask_column, columns, scaling,
-                 running_max, running_sum, accumulated, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+                running_max, running_sum, accumulated, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
     """One tile of tokens into the running softmax: the updated ``(maximum, sum, weighted values)``."""
     # float32 whatever ``scaling`` arrives as (inductor passes a Python float in as a float64 constant)
     scores = (tl.dot(query, tl.trans(keys), input_precision=PRECISION) * scaling).to(tl.float32)
@@ -152,7 +152,7 @@ def quantized_tiles(
 
 @triton.jit
 def store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, slot, running_max, running_sum, accumulated,
-                    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     queries = tl.arange(0, GROUP_PAD)
     channels = tl.arange(0, HEAD_DIM)
     tl.store(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :], accumulated)
@@ -162,7 +162,7 @@ def store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, slot, runn
 
 @triton.jit
 def merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                    running_max, running_sum, accumulated, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   running_max, running_sum, accumulated, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Fold the ``splits`` partial results of ``program`` into a running softmax; the normalized output."""
     queries = tl.arange(0, GROUP_PAD)
     channels = tl.arange(0, HEAD_DIM)
@@ -180,7 +180,7 @@ def merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, s
 
 @triton.jit
 def store_output(out_ptr, row, head, o_row, o_head, o_group, output,
-                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     queries = tl.arange(0, GROUP_PAD)
     channels = tl.arange(0, HEAD_DIM)
     tl.store(
@@ -215,7 +215,7 @@ def _quantized_partials_kernel(
         GROUP_PAD, HEAD_DIM, TILE, KEY_BITS, KEY_GROUP, VALUE_BITS, VALUE_GROUP, MASK_KIND, PRECISION,
     )
     store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program * splits + split,
-                    running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                   running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=_MERGE_DYNAMIC)
@@ -248,7 +248,7 @@ def _exact_and_merge_kernel(
             running_max, running_sum, accumulated, MASK_KIND, PRECISION,
         )
     output = merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                             running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
     store_output(out_ptr, row, head, o_row, o_head, o_group, output.to(query.dtype), GROUP, GROUP_PAD, HEAD_DIM)
 
 

@@ -67,7 +67,7 @@ def _static_partials_kernel(
         GROUP_PAD, HEAD_DIM, TILE, KEY_BITS, KEY_GROUP, VALUE_BITS, VALUE_GROUP, MASK_KIND, PRECISION,
     )
     store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program * splits + split,
-                    running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                   running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def _static_exact_and_merge_kernel(
         mask_ptr, mask_column, scaling, running_max, running_sum, accumulated, HEAD_DIM, TILE, MASK_KIND, PRECISION,
     )
     output = merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                             running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
     store_output(out_ptr, row, head, o_row, o_head, o_group, output.to(query.dtype), GROUP, GROUP_PAD, HEAD_DIM)
 
 
