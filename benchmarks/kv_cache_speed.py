@@ -33,7 +33,9 @@ read through each cache in chunks, as ``benchmarks/kv_cache.py`` does (``--windo
 the windows another benchmark saved, so that tables share their tokens); a cache
 that refuses the model is listed with its error. ``--profile-context N`` adds
 ``kv_cache_profile.md``: torch.profiler's top ops of batch-1 decoding at context
-``N``, FP cache against ours K4V2 packed, which says where a shortfall comes from.
+``N``, FP cache against ours K4V2 packed (and with ``--compiled`` FP ``StaticCache``
+against ours static), with each step's wall time and, on a GPU, the device's busy
+time: which says where a shortfall comes from.
 
     python benchmarks/kv_cache_speed.py --compiled --out benchmarks/results/cpu
 
@@ -373,22 +375,39 @@ def speed_row(
 
 
 def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
-    """Where a batch-1 decode step spends its time, FP cache against ours K4V2 packed (torch.profiler, top ops)."""
+    """Where a batch-1 decode step spends its time (torch.profiler): FP cache against ours K4V2 packed, and with
+    ``--compiled`` FP ``StaticCache`` against ours static, each compiled.
+
+    Per row the step's wall time and the device's busy time (the sum of its kernels' durations, CUDA graph
+    replays included): a step whose busy time is far below its wall time waits on the host, and then no kernel
+    of the cache's makes it slower; top ops by host time, and on a GPU by device time.
+    """
     decoder = Decoder(args, speed_model(args))
     context = args.profile_context
     kv, first = prefilled_kv(decoder.model, context, args)
+    on_gpu = args.device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if args.device.startswith("cuda"):
+    if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    pairs = [(kinds[0], next(kind for kind in kinds if kind.name.endswith("packed")))]
+    if args.compiled:
+        compiled = [kind for kind in kinds if kind.compiled]
+        pairs.append((compiled[0], compiled[1]))  # FP StaticCache, ours static with the first --static-attention
     sections = []
-    for kind in (kinds[0], next(kind for kind in kinds if kind.name.endswith("packed"))):
+    for kind in (kind for pair in pairs for kind in pair):
         decoder.rate(kind, kv, first, WARM_UP_STEPS)
         cache = decoder.filled(kind, kv, 1)
         with torch.profiler.profile(activities=activities) as profiler:
             rate = decoder.decode(kind, cache, first, context, args.steps)
-        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
+        kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(event.time_range.elapsed_us() for event in kernels) / args.steps
         sections += [f"### {kind.name}, context {context}: {rate:.1f} tok/s under the profiler, {args.steps} steps",
-                     "", "```", table, "```", ""]
+                     "", f"Step {1e6 / rate:.0f} us wall; device busy {busy:.0f} us a step in "
+                     f"{len(kernels) / args.steps:.0f} kernels" if on_gpu else "", ""]
+        orders = ("self_cpu_time_total", "self_device_time_total") if on_gpu else ("self_cpu_time_total",)
+        for order in orders:
+            table = profiler.key_averages().table(sort_by=order, row_limit=15, max_name_column_width=60)
+            sections += [f"By {order}:", "", "```", table, "```", ""]
     return "\n".join(sections)
 
 

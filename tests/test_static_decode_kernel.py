@@ -12,11 +12,11 @@ import pytest
 import torch
 from test_kv_static import MAX_CACHE_LEN, _generate
 from tiny_models import left_pad, load, load_tokenizer, text_samples
-from tolerances import relative_error, two_forwards, within
+from tolerances import relative_error, reordered, two_forwards, within
 
 from intactkv_modifier.kv_quant import KVQuantSettings, StaticKeyFavoredQuantizedCache, static_implementation
-from intactkv_modifier.kv_quant.fast_decode import kernel_available
-from intactkv_modifier.kv_quant.static_cache import take_decode_step
+from intactkv_modifier.kv_quant.fast_decode import kernel_available, static_kernel_decode
+from intactkv_modifier.kv_quant.static_cache import StaticKeyFavoredQuantizedLayer, take_decode_step
 
 pytestmark = pytest.mark.numerics
 
@@ -85,3 +85,35 @@ def test_attention_handed_other_keys_gets_no_layer(tiny_model_dirs):
         keys, _ = layer.update(states, states)
         handed = take_decode_step(keys)
     assert handed is not None and handed[0] is layer
+
+
+@pytest.mark.parametrize(
+    ("tuning", "prefix"),
+    [
+        ({"tile": 16, "target_programs": 256, "merge_chunk": 4}, 1),  # 38 splits of 16 tokens, merged 4 at a time
+        ({"tile": 64, "target_programs": 8}, 0),  # 2 splits of 5 tiles, each tile 4 key groups
+        ({"tile": 128, "target_programs": 512, "num_warps": 8, "merge_chunk": 8, "exact_tile": 32}, 2),  # 5 splits,
+        # the last tile past the filled slots; the 20-slot ring in one tile
+    ],
+)
+def test_the_kernel_attends_every_slot_whatever_its_launch_tuning(tuning, prefix):
+    """One layer after 581 tokens (the prefix, 560 or 576 quantized, the rest in the wrapped ring) of 600 slots:
+    the kernel's output for each tiling, split count and merge chunk is sdpa's over the step's read, within two
+    summation orders."""
+    torch.manual_seed(0)
+    batch, kv_heads, group, head_dim, tokens = 2, 2, 3, 32, 580
+    layer = StaticKeyFavoredQuantizedLayer(*SETTINGS.for_layer(0), 4, 600, prefix, hand_over=False)
+    states = torch.randn(2, batch, kv_heads, tokens, head_dim, device=DEVICE)
+    layer.update(states[0], states[1])
+    new = torch.randn(2, batch, kv_heads, 1, head_dim, device=DEVICE)
+    before = layer.quantized_tokens(layer.length)
+    keys, values = layer.update(new[0], new[1])
+    query = torch.randn(batch, kv_heads * group, 1, head_dim, device=DEVICE)
+    mask = (torch.arange(600, device=DEVICE) <= tokens).expand(batch, 1, 1, 600).clone()
+    mask[1, ..., prefix + 7] = False  # a masked column inside the quantized region
+    output = static_kernel_decode(query, layer, before, mask, head_dim**-0.5, None, tuning)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, enable_gqa=True
+    ).transpose(1, 2)
+    assert output is not None
+    assert within(relative_error(output, expected), 2 * reordered([head_dim, tokens + 1]))

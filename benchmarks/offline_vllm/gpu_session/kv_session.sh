@@ -3,6 +3,7 @@
 # kernel tests, then kv_speed.sh's calls (args: the calls). Started detached (setsid) like pipeline.sh; logs and a
 # status line per step under /tmp/res, packed by collect.sh.
 set -uo pipefail
+shopt -s nullglob  # a session may carry no wheels in gpu-run/
 export PYTHONUNBUFFERED=1
 R=/tmp/res
 mkdir -p $R

@@ -47,6 +47,8 @@ __all__ = [
 
 #: Programs to aim for, so that a small batch still fills the GPU (an H100 has 132 SMs)
 TARGET_PROGRAMS = 264
+#: Partial results a merge loads at once: one at a time (the kernels validated on the GPU; see ``merge_partials``)
+MERGE_CHUNK = 1
 #: Masked scores: finite, so that a fully masked tile cannot turn the running maximum into NaN
 MASKED = tl.constexpr(-1.0e30)
 
@@ -125,7 +127,12 @@ def quantized_tiles(
     MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Quantized tokens ``begin .. end - 1`` (before ``skip``: not attended) of one row and KV head, as a running
-    softmax ``(maximum, sum, weighted values)``; token ``t`` is mask column ``first_column + t - skip``."""
+    softmax ``(maximum, sum, weighted values)``; token ``t`` is mask column ``first_column + t - skip``.
+
+    A tile within one key group (``TILE`` divides ``KEY_GROUP``; tiles start at multiples of ``TILE``) reads that
+    group's scales once; a longer tile spans several groups and each token reads its group's (more bytes in
+    flight per step of the loop, whose steps each wait out the memory's latency).
+    """
     channels = tl.arange(0, HEAD_DIM)
     running_max = tl.full([GROUP_PAD], MASKED, tl.float32)
     running_sum = tl.zeros([GROUP_PAD], tl.float32)
@@ -134,10 +141,15 @@ def quantized_tiles(
         token = tile_start + tl.arange(0, TILE)
         valid = (token >= skip) & (token < end)
         codes = _widen(key_codes_ptr + row * kc_row + head * kc_head, token * kc_token, channels, valid, KEY_BITS)
-        statistics = row * ks_row + head * ks_head + (tile_start // KEY_GROUP) * ks_block + channels
-        scale = tl.load(key_scale_ptr + statistics).to(tl.float32)
-        minimum = tl.load(key_min_ptr + statistics).to(tl.float32)
-        keys = (codes.to(tl.float32) * scale[None, :] + minimum[None, :]).to(query.dtype)
+        if KEY_GROUP % TILE == 0:
+            statistics = row * ks_row + head * ks_head + (tile_start // KEY_GROUP) * ks_block + channels
+            scale = tl.load(key_scale_ptr + statistics).to(tl.float32)[None, :]
+            minimum = tl.load(key_min_ptr + statistics).to(tl.float32)[None, :]
+        else:
+            statistics = row * ks_row + head * ks_head + (token // KEY_GROUP)[:, None] * ks_block + channels[None, :]
+            scale = tl.load(key_scale_ptr + statistics, mask=valid[:, None], other=0.0).to(tl.float32)
+            minimum = tl.load(key_min_ptr + statistics, mask=valid[:, None], other=0.0).to(tl.float32)
+        keys = (codes.to(tl.float32) * scale + minimum).to(query.dtype)
         codes = _widen(value_codes_ptr + row * vc_row + head * vc_head, token * vc_token, channels, valid, VALUE_BITS)
         statistics = row * vs_row + head * vs_head + token[:, None] * vs_token + (channels // VALUE_GROUP)[None, :]
         scale = tl.load(value_scale_ptr + statistics, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -162,19 +174,39 @@ def store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, slot, runn
 
 @triton.jit
 def merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                   running_max, running_sum, accumulated, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Fold the ``splits`` partial results of ``program`` into a running softmax; the normalized output."""
+                   running_max, running_sum, accumulated,
+                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """Fold the ``splits`` partial results of ``program`` into a running softmax; the normalized output.
+
+    ``CHUNK`` partial results per step of the loop, loaded together (``[CHUNK, GROUP_PAD, HEAD_DIM]`` floats in
+    registers) when above 1.
+    """
     queries = tl.arange(0, GROUP_PAD)
     channels = tl.arange(0, HEAD_DIM)
-    for split in range(0, splits):
-        slot = program * splits + split
-        partial_max = tl.load(partial_max_ptr + slot * GROUP_PAD + queries)
-        new_max = tl.maximum(running_max, partial_max)
-        mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max)
-        partial = tl.load(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :])
-        accumulated = accumulated * mine[:, None] + partial * theirs[:, None]
-        running_sum = running_sum * mine + tl.load(partial_sum_ptr + slot * GROUP_PAD + queries) * theirs
-        running_max = new_max
+    if CHUNK == 1:
+        for split in range(0, splits):
+            slot = program * splits + split
+            partial_max = tl.load(partial_max_ptr + slot * GROUP_PAD + queries)
+            new_max = tl.maximum(running_max, partial_max)
+            mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max)
+            partial = tl.load(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :])
+            accumulated = accumulated * mine[:, None] + partial * theirs[:, None]
+            running_sum = running_sum * mine + tl.load(partial_sum_ptr + slot * GROUP_PAD + queries) * theirs
+            running_max = new_max
+    else:
+        for first in range(0, splits, CHUNK):
+            split = first + tl.arange(0, CHUNK)
+            present = (split < splits)[:, None]
+            slots = (program * splits + split)[:, None] * GROUP_PAD + queries[None, :]  # [CHUNK, GROUP_PAD]
+            partial_max = tl.load(partial_max_ptr + slots, mask=present, other=MASKED)
+            new_max = tl.maximum(running_max, tl.max(partial_max, axis=0))
+            mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max[None, :])
+            partial = tl.load(partial_out_ptr + slots[:, :, None] * HEAD_DIM + channels[None, None, :],
+                              mask=present[:, :, None], other=0.0)
+            accumulated = accumulated * mine[:, None] + tl.sum(partial * theirs[:, :, None], axis=0)
+            partial_sum = tl.load(partial_sum_ptr + slots, mask=present, other=0.0)
+            running_sum = running_sum * mine + tl.sum(partial_sum * theirs, axis=0)
+            running_max = new_max
     return accumulated / running_sum[:, None]
 
 
@@ -227,7 +259,7 @@ def _exact_and_merge_kernel(
     out_ptr, o_row, o_head, o_group,
     kv_heads, exact_tokens, splits, scaling,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
 ):
     program = tl.program_id(0)
     row, head = program // kv_heads, program % kv_heads
@@ -248,7 +280,7 @@ def _exact_and_merge_kernel(
             running_max, running_sum, accumulated, MASK_KIND, PRECISION,
         )
     output = merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM, CHUNK)
     store_output(out_ptr, row, head, o_row, o_head, o_group, output.to(query.dtype), GROUP, GROUP_PAD, HEAD_DIM)
 
 
@@ -276,9 +308,10 @@ def launch_settings(query: torch.Tensor, mask: torch.Tensor | None) -> LaunchSet
     )
 
 
-def split_plan(tokens: int, programs: int, tile: int) -> tuple[int, int]:
-    """``(tokens per split, splits)``: enough splits of whole tiles that ``programs`` (rows x KV heads) fill the GPU."""
-    per_split = max(tile, -(-tokens // max(1, TARGET_PROGRAMS // programs)))
+def split_plan(tokens: int, programs: int, tile: int, target_programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
+    """``(tokens per split, splits)``: enough splits of whole tiles that ``programs`` (rows x KV heads) make about
+    ``target_programs``, so that a small batch still fills the GPU."""
+    per_split = max(tile, -(-tokens // max(1, target_programs // programs)))
     per_split = -(-per_split // tile) * tile
     return per_split, -(-tokens // per_split)
 
@@ -359,6 +392,6 @@ def decode_attention(
         *partials,
         output, output.stride(0), output.stride(1), output.stride(2),
         kv_heads, exact_keys.shape[2], splits, scaling,
-        TILE=16, **common,
+        TILE=16, CHUNK=MERGE_CHUNK, **common,
     )
     return output

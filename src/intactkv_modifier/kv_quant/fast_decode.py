@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -90,9 +90,14 @@ def static_kernel_decode(
     mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
+    tuning: Mapping[str, int] | None = None,
 ) -> torch.Tensor | None:
     """Attention output ``[b, 1, heads, d]`` for ``query`` ``[b, heads, 1, d]`` over the static cache ``layer``
-    after its decode step (``quantized_tokens`` of its slots attended quantized), or ``None`` where unsupported."""
+    after its decode step (``quantized_tokens`` of its slots attended quantized), or ``None`` where unsupported.
+
+    ``tuning``: launch settings other than the kernel's defaults (``static_kernel_attention``'s keywords), for
+    the tests and the benchmark that measures them.
+    """
     batch, heads, _, head_dim = query.shape
     grouped = query[:, :, 0].unflatten(1, (layer.key_store.prefix.shape[1], -1))  # [b, kv_heads, group, d]
     if not _query_supported(grouped, mask, softcap) or not _settings_supported(
@@ -111,6 +116,7 @@ def static_kernel_decode(
         layer.length - layer.prefix_length - quantized_tokens,
         None if mask is None else mask[:, 0, 0],
         scaling,
+        **(tuning or {}),
     )
     return output.reshape(batch, heads, head_dim).unsqueeze(1)
 

@@ -22,6 +22,8 @@ import triton.language as tl
 
 from intactkv_modifier.kv_quant.decode_kernel import (
     MASKED,
+    MERGE_CHUNK,
+    TARGET_PROGRAMS,
     attend_tile,
     launch_settings,
     load_query,
@@ -37,6 +39,9 @@ from intactkv_modifier.kv_quant.decode_kernel import (
 from intactkv_modifier.kv_quant.quantizer import QuantizedTensor
 
 __all__ = ["static_kernel_attention"]
+
+#: Exact tokens (prefix, ring) a step of the merge kernel's loops attends
+EXACT_TILE = 16
 
 
 @triton.jit
@@ -104,6 +109,7 @@ def _static_exact_and_merge_kernel(
     kv_heads, splits, scaling,
     PREFIX: tl.constexpr, PREFIX_SLOTS: tl.constexpr, RING: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     program = tl.program_id(0)
     row, head = program // kv_heads, program % kv_heads
@@ -125,7 +131,7 @@ def _static_exact_and_merge_kernel(
         mask_ptr, mask_column, scaling, running_max, running_sum, accumulated, HEAD_DIM, TILE, MASK_KIND, PRECISION,
     )
     output = merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM, CHUNK)
     store_output(out_ptr, row, head, o_row, o_head, o_group, output.to(query.dtype), GROUP, GROUP_PAD, HEAD_DIM)
 
 
@@ -138,8 +144,19 @@ def static_kernel_attention(
     ring_tokens: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
+    tile: int | None = None,
+    target_programs: int = TARGET_PROGRAMS,
+    num_warps: int = 4,
+    merge_chunk: int = MERGE_CHUNK,
+    exact_tile: int = EXACT_TILE,
 ) -> torch.Tensor:
     """Attention of one query token per row over a static cache layer; ``[b, kv_heads, group, d]`` -> the same shape.
+
+    The launch's tuning, measured by ``benchmarks/static_kernel_sweep.py`` (powers of two): ``tile`` quantized
+    tokens per step of a partials program's loop (at least 16; by default the dynamic kernel's, within a key
+    group), ``target_programs`` partials programs to aim for, their ``num_warps``, ``merge_chunk`` partial results
+    merged per step, ``exact_tile`` prefix or ring tokens per step. The defaults are the launch measured end to
+    end on an H200; the sweep found faster kernels alone that were not measured end to end yet.
 
     :param prefix: the exact prefix keys and values ``[b, kv_heads, prefix, d]`` (slots ``0 .. prefix - 1``)
     :param quantized: the keys' and values' whole quantized regions (capacity); slot ``i`` is position
@@ -156,7 +173,8 @@ def static_kernel_attention(
                   MASK_KIND=launch.mask_kind, PRECISION=launch.precision)
     keys, values = quantized
     constants = quantized_constants(keys, values)
-    per_split, splits = split_plan(keys.num_tokens, batch * kv_heads, constants["TILE"])
+    constants["TILE"] = tile or constants["TILE"]
+    per_split, splits = split_plan(keys.num_tokens, batch * kv_heads, constants["TILE"], target_programs)
     partials = partial_buffers(query, batch * kv_heads * splits * launch.group_pad)
     _static_partials_kernel[(batch * kv_heads, splits)](
         query, query.stride(0), query.stride(1), query.stride(2),
@@ -165,7 +183,7 @@ def static_kernel_attention(
         quantized_tokens,
         *partials,
         kv_heads, per_split, splits, scaling,
-        **common, **constants,
+        **common, **constants, num_warps=num_warps,
     )
     output = torch.empty_like(query)
     prefix_keys, prefix_values = prefix
@@ -179,7 +197,7 @@ def static_kernel_attention(
         *partials,
         output, output.stride(0), output.stride(1), output.stride(2),
         kv_heads, splits, scaling,
-        PREFIX_SLOTS=max(1, prefix_keys.shape[2]), RING=ring_keys.shape[2], TILE=16, **common,
+        PREFIX_SLOTS=max(1, prefix_keys.shape[2]), RING=ring_keys.shape[2], TILE=exact_tile, CHUNK=merge_chunk,
+        **common,
     )
     return output
-
