@@ -35,7 +35,10 @@ that refuses the model is listed with its error. ``--profile-context N`` adds
 ``kv_cache_profile.md``: torch.profiler's top ops of batch-1 decoding at context
 ``N``, FP cache against ours K4V2 packed (and with ``--compiled`` FP ``StaticCache``
 against ours static), with each step's wall time and, on a GPU, the device's busy
-time: which says where a shortfall comes from.
+time: which says where a shortfall comes from. ``--rows`` keeps only some caches (FP
+``DynamicCache`` always, every ratio's base); ``--static-tuning KEY=VALUE ...`` sets
+the launch of ours static's Triton kernel for the run (``static_kernel_attention``'s
+keywords: what ``static_kernel_sweep.py`` measured alone, measured end to end).
 
     python benchmarks/kv_cache_speed.py --compiled --out benchmarks/results/cpu
 
@@ -60,7 +63,9 @@ Writes ``kv_cache_speed.json`` and ``kv_cache_speed.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -147,6 +152,31 @@ def cache_kinds(args: argparse.Namespace) -> list[CacheKind]:
 #: ``--static-attention``: the attention(s) ours static is compiled with (fused: ``static_implementation``, the
 #: Triton kernel on a GPU; plain: ``--attention``, which reads a dequantized copy of the past written out by the step)
 STATIC_ATTENTIONS = {"fused": ("fused",), "plain": ("plain",), "both": ("fused", "plain")}
+
+
+def selected_kinds(kinds: list[CacheKind], rows: list[str] | None) -> list[CacheKind]:
+    """The kinds whose name holds one of ``rows`` (all without it); FP ``DynamicCache``, every ratio's base, always."""
+    return [kind for kind in kinds if rows is None or kind is kinds[0] or any(row in kind.name for row in rows)]
+
+
+def apply_static_tuning(pairs: list[str]) -> dict[str, int]:
+    """``KEY=VALUE`` launch settings of the static cache's decode kernel for this process (keywords of
+    ``static_kernel_attention``), so that a tuning the kernel sweep found is measured end to end before it
+    becomes the default."""
+    from intactkv_modifier.kv_quant import static_decode_kernel  # imports triton: only when asked
+
+    launch = static_decode_kernel.static_kernel_attention
+    known = [name for name, parameter in inspect.signature(launch).parameters.items() if parameter.default is not
+             inspect.Parameter.empty]
+    tuning = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in known or not value.isdigit():
+            raise SystemExit(f"--static-tuning {pair!r}: expected KEY=INTEGER with KEY one of {known}")
+        tuning[key] = int(value)
+    # fast_decode imports the kernel's launch at each call, so the compiled step traces the tuned one
+    static_decode_kernel.static_kernel_attention = functools.partial(launch, **tuning)
+    return tuning
 
 
 def held_bytes(root: object) -> int:
@@ -376,7 +406,7 @@ def speed_row(
 
 def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
     """Where a batch-1 decode step spends its time (torch.profiler): FP cache against ours K4V2 packed, and with
-    ``--compiled`` FP ``StaticCache`` against ours static, each compiled.
+    ``--compiled`` FP ``StaticCache`` against ours static, each compiled (those of them ``--rows`` keeps).
 
     Per row the step's wall time and the device's busy time (the sum of its kernels' durations, CUDA graph
     replays included): a step whose busy time is far below its wall time waits on the host, and then no kernel
@@ -389,12 +419,10 @@ def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    pairs = [(kinds[0], next(kind for kind in kinds if kind.name.endswith("packed")))]
-    if args.compiled:
-        compiled = [kind for kind in kinds if kind.compiled]
-        pairs.append((compiled[0], compiled[1]))  # FP StaticCache, ours static with the first --static-attention
+    packed = [kind for kind in kinds if kind.name.endswith("packed")]
+    compiled = [kind for kind in kinds if kind.compiled]  # FP StaticCache, ours static with each --static-attention
     sections = []
-    for kind in (kind for pair in pairs for kind in pair):
+    for kind in [kinds[0], *packed[:1], *compiled[:2]]:
         decoder.rate(kind, kv, first, WARM_UP_STEPS)
         cache = decoder.filled(kind, kv, 1)
         with torch.profiler.profile(activities=activities) as profiler:
@@ -450,6 +478,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{_optional(result['bandwidth_gbs'] or None, '.0f')} GB/s; Triton decode kernel "
         f"{'on' if result['decode_kernel'] else 'off'} and CPU decode loop (`cpu_kernel`) "
         f"{'on' if result['cpu_decode_loop'] else 'off'} for ours packed (torch ops where both are off); "
+        f"ours static's kernel launch: {result.get('static_tuning') or 'defaults'}; "
         f"groups of {result['group_size']}, "
         f"residual {result['residual_length']} tokens for every quantized cache (transformers' quantizes keys and "
         f"values per channel groups along head_dim, axis 0).",
@@ -526,6 +555,11 @@ def main() -> None:
     parser.add_argument("--static-attention", default="fused", choices=sorted(STATIC_ATTENTIONS),
                         help="compile ours static with its decode attention (static_implementation), the plain "
                         "--attention, or both")
+    parser.add_argument("--rows", nargs="+",
+                        help="measure only the caches whose name holds one of these (FP DynamicCache always)")
+    parser.add_argument("--static-tuning", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="launch settings of ours static's Triton kernel (static_kernel_attention's keywords, "
+                        "e.g. tile=128 target_programs=256), for this run only")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0,
                         help="memory bandwidth (GB/s): every figure also as a share of the physical limit")
     parser.add_argument("--hidden", type=int, default=512)
@@ -558,7 +592,8 @@ def main() -> None:
     args.dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
 
-    kinds = cache_kinds(args)
+    kinds = selected_kinds(cache_kinds(args), args.rows)
+    static_tuning = apply_static_tuning(args.static_tuning) if args.static_tuning else {}
     result: dict[str, Any] = {
         "device_name": (
             torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "CPU"
@@ -574,7 +609,7 @@ def main() -> None:
         "model": args.model, "windows": args.windows,
         "windows_file": args.windows_file and str(args.windows_file), "length": args.length, "prefill": args.prefill,
         "chunk": args.chunk, "versions": versions(),
-        "decode_kernel": kernel_available(torch.device(args.device)),
+        "decode_kernel": kernel_available(torch.device(args.device)), "static_tuning": static_tuning,
         "cpu_decode_loop": args.device == "cpu" and cpu_kernel.built(),
     }
     result["speed"], result["perplexity"] = [], []
