@@ -420,7 +420,7 @@ def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     packed = [kind for kind in kinds if kind.name.endswith("packed")]
-    compiled = [kind for kind in kinds if kind.compiled]  # FP StaticCache, ours static with each --static-attention
+    compiled = [kind for kind in kinds if kind.compiled]  # FP StaticCache, then ours static (first attention)
     sections = []
     for kind in [kinds[0], *packed[:1], *compiled[:2]]:
         decoder.rate(kind, kv, first, WARM_UP_STEPS)
