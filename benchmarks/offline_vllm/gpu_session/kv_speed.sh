@@ -2,7 +2,8 @@
 # GPU machine: issue 23's goal rows (1B-shape Llama, bf16), the calls of benchmarks/kv_cache_speed.py's docstring:
 # static-16k (batch 1 at 16K, both attentions for ours static), static-4k-8k (4K batch 1, 8K at batch 16, both in
 # the 16 GiB budget), static-32k, kernel-16k (batch 1 at 16K, ours static with its own attention only),
-# kernel-8k-equal (8K at batch 16 only), profile-16k (torch.profiler at batch 1 and 16K,
+# kernel-8k-equal (8K at batch 16 only), compiled-16k and compiled-8k-equal (the same, compiled rows only),
+# profile-16k (torch.profiler at batch 1 and 16K,
 # FP against ours, eager and compiled: kv_cache_profile.md), sweep (static_kernel_sweep.py: the static kernel's
 # launch tuning, one layer; sweep-8k-equal: 16 rows at 8K), tuning-16k (its leads end to end at 16K batch 1). Args: out folder, then the calls to run.
 out=$1; shift
@@ -15,6 +16,8 @@ for call in "$@"; do
     static-32k) extra="--contexts 32768" ;;
     kernel-16k) extra="--contexts 16384 --budget-contexts" ;;
     kernel-8k-equal) extra="--contexts 8192 --batch1-contexts --equal-batch 16 --equal-batch-contexts 8192 --budget-contexts" ;;
+    compiled-16k) extra="--contexts 16384 --budget-contexts --rows StaticCache static" ;;
+    compiled-8k-equal) extra="--contexts 8192 --batch1-contexts --equal-batch 16 --equal-batch-contexts 8192 --budget-contexts --rows StaticCache static" ;;
     profile-16k) extra="--contexts 16384 --skip-speed --profile-context 16384" ;;
     sweep) echo "$(date +%T) $call"; timeout 590 python3 benchmarks/static_kernel_sweep.py --out "$out/$call"; continue ;;
     sweep-8k-equal) echo "$(date +%T) $call"

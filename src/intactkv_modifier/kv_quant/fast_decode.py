@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from intactkv_modifier.kv_quant.packing import packing_unit
 from intactkv_modifier.kv_quant.settings import TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import QuantizedSegment, Segment, quantized_layout
 
 if TYPE_CHECKING:
     from intactkv_modifier.kv_quant.static_cache import StaticKeyFavoredQuantizedLayer
 
-__all__ = ["kernel_available", "kernel_decode", "static_kernel_decode"]
+__all__ = ["kernel_available", "kernel_decode", "static_kernel_decode", "static_kernel_store"]
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -121,6 +122,47 @@ def static_kernel_decode(
     return output.reshape(batch, heads, head_dim).unsqueeze(1)
 
 
+def static_kernel_store(
+    layer: StaticKeyFavoredQuantizedLayer, key_states: torch.Tensor, value_states: torch.Tensor
+) -> bool:
+    """Store a decode step's ``[b, kv_heads, 1, d]`` states into the static cache ``layer`` through the store
+    kernel; ``False``, with nothing written, where the kernel cannot write this layout.
+
+    The kernel holds a block in power-of-two tiles: the block (a per-channel group is the whole block), a
+    per-token group and the head are powers of two, and a per-token group holds whole packing units.
+    """
+    head_dim, device = key_states.shape[-1], key_states.device
+    if not (
+        key_states.shape[2] == 1
+        and key_states.dtype in _DTYPES
+        and kernel_available(device)
+        and (device.type == "cuda" or not torch.compiler.is_compiling())  # torch.compile cannot trace the interpreter
+        and _is_power_of_two(layer.block)
+        and _is_power_of_two(head_dim)
+        and all(_store_supported(s, layer.block) for s in (layer.key_settings, layer.value_settings))
+    ):
+        return False
+    from intactkv_modifier.kv_quant.static_store_kernel import store_decode_step  # imports triton
+
+    keys, values = layer.key_store, layer.value_store
+    store_decode_step(
+        key_states, value_states, (keys.ring, keys.codes, keys.scale, keys.minimum),
+        (values.ring, values.codes, values.scale, values.minimum), layer.length,
+        (layer.key_settings, layer.value_settings), layer.prefix_length, layer.residual_length, layer.block,
+    )
+    return True
+
+
+def _store_supported(settings: TensorQuantSettings, block: int) -> bool:
+    if settings.granularity == "per_channel":
+        return settings.group_size == block
+    return _is_power_of_two(settings.group_size) and settings.group_size % packing_unit(settings.bits)[0] == 0
+
+
+def _is_power_of_two(number: int) -> bool:
+    return number > 0 and not number & (number - 1)
+
+
 def _query_supported(query: torch.Tensor, mask: torch.Tensor | None, softcap: float | None) -> bool:
     """Whether the kernels take ``query`` ``[b, kv_heads, group, d]`` (one token per row) under ``mask``."""
     head_dim = query.shape[-1]
@@ -129,7 +171,7 @@ def _query_supported(query: torch.Tensor, mask: torch.Tensor | None, softcap: fl
         and softcap is None
         and query.dtype in _DTYPES
         and kernel_available(query.device)
-        and not head_dim & (head_dim - 1)
+        and _is_power_of_two(head_dim)
         and 16 <= head_dim <= 256
     )
 

@@ -137,7 +137,9 @@ def _covering_scale(low: torch.Tensor, high: torch.Tensor, levels: int) -> torch
     to ``levels`` ulps, more than half a step at 8 bits in bfloat16.
     """
     dtype = low.dtype
-    exact = (high.float() - low.float()) / levels
+    # over a tensor, not a Python number: CUDA divides by a number as a product with its float reciprocal (a bit
+    # less exact), which gave other scales on a GPU than on a CPU and than the store kernel's IEEE division
+    exact = (high.float() - low.float()) / torch.full((), levels, dtype=torch.float32, device=low.device)
     scale = exact.to(dtype).clamp_min(torch.finfo(dtype).tiny)
     rounded_up = torch.nextafter(scale, torch.full_like(scale, float("inf")))
     return torch.where(scale.float() < exact, rounded_up, scale)

@@ -20,7 +20,10 @@ blocks, quantized by the same function, so the same codes from the same states):
 after ``n`` slots, ``quantizable_tokens(n - prefix, residual_length, block)``.
 A decode step writes the new token into the ring, then quantizes the oldest ring
 block whether or not it is due, and writes it into its place when due and into
-the scratch block when not: no host decision, no data-dependent shape.
+the scratch block when not: no host decision, no data-dependent shape. Where the
+cache's own attention runs its Triton kernel, a Triton kernel also stores the step
+(:mod:`~intactkv_modifier.kv_quant.static_store_kernel`: one launch, the same
+codes, a block quantized only when due).
 
 Attention reads the past position by position (``[batch, heads, max_cache_len,
 head_dim]``: the prefix, then each later slot from the quantized region or from
@@ -49,7 +52,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from intactkv_modifier.architecture import kv_geometry, text_config
 from intactkv_modifier.kv_quant.attention import uses_static_attention
-from intactkv_modifier.kv_quant.fast_decode import kernel_available
+from intactkv_modifier.kv_quant.fast_decode import kernel_available, static_kernel_store
 from intactkv_modifier.kv_quant.quantizer import QuantizedTensor, dequantize, quantize
 from intactkv_modifier.kv_quant.settings import KVQuantSettings, TensorQuantSettings
 from intactkv_modifier.kv_quant.stream import quantizable_tokens
@@ -206,6 +209,7 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.block = _shared_block(key_settings, value_settings)
         self.capacity = -(-(max_cache_len - full_precision_prefix) // self.block) * self.block
         self.prefilled = False  # host flag set once, by the eager prefill: never changes during decoding
+        self.kernel_path = False  # set at initialization: the Triton kernels store and attend (see update)
         self._host_length = 0  # counted in eager calls only (a compiled step cannot check without a host sync)
         self.length = torch.tensor(0, dtype=torch.long)
 
@@ -215,6 +219,7 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         self.key_store = StaticTokenStore(self.key_settings, key_states, *shape)
         self.value_store = StaticTokenStore(self.value_settings, value_states, *shape)
         self.length = self.length.to(self.device)
+        self.kernel_path = self.hand_over and kernel_available(self.device)
         if not torch.compiler.is_compiling():  # as transformers' StaticLayer: CUDA graphs need fixed addresses
             for buffer in (*self.key_store.buffers, *self.value_store.buffers, self.length):
                 torch._dynamo.mark_static_address(buffer)
@@ -242,12 +247,13 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
         before, after = self.quantized_tokens(length), self.quantized_tokens(length + 1)
         slot = length - self.prefix_length
         key_states, value_states = key_states.detach(), value_states.detach()
-        self.key_store.decode(key_states, slot, before, after)
-        self.value_store.decode(value_states, slot, before, after)
+        if not (self.kernel_path and static_kernel_store(self, key_states, value_states)):
+            self.key_store.decode(key_states, slot, before, after)
+            self.value_store.decode(value_states, slot, before, after)
         self.length.add_(1)
         slots = self.max_cache_len
         keys, values = self.key_store.read(before, self.dtype, slots), self.value_store.read(before, self.dtype, slots)
-        if self.hand_over and kernel_available(self.device):  # the kernel is the handoff's only reader
+        if self.kernel_path:  # the kernel is the handoff's only reader
             _hand_over(self, keys, before)
         return keys, values
 
