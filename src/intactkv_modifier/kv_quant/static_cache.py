@@ -244,10 +244,10 @@ class StaticKeyFavoredQuantizedLayer(CacheLayerMixin):
             )
         self._count_host(1)
         length = self.length
-        before, after = self.quantized_tokens(length), self.quantized_tokens(length + 1)
-        slot = length - self.prefix_length
+        before = self.quantized_tokens(length)
         key_states, value_states = key_states.detach(), value_states.detach()
         if not (self.kernel_path and static_kernel_store(self, key_states, value_states)):
+            slot, after = length - self.prefix_length, self.quantized_tokens(length + 1)
             self.key_store.decode(key_states, slot, before, after)
             self.value_store.decode(value_states, slot, before, after)
         self.length.add_(1)
