@@ -4,7 +4,7 @@ A decode step of the compiled static cache spends most of its attention time in
 ``static_kernel_attention`` (``kv_cache_speed.py --profile-context``). This times
 one layer's call of it, both kernels, captured in a CUDA graph and replayed as the
 compiled step replays it (``triton.testing.do_bench_cudagraph``), for every
-tile, program target, warp count, merge chunk and exact tile given, at each context, and
+tile, program target, warp count and exact tile given, at each context, and
 beside it the full-precision attention the compiled ``StaticCache`` runs
 (transformers' sdpa path: the KV heads repeated to the query heads, then sdpa
 under the static mask). Every output is checked against sdpa over the step's
@@ -31,10 +31,21 @@ from loguru import logger
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from intactkv_modifier.kv_quant import KVQuantSettings
-from intactkv_modifier.kv_quant.decode_kernel import MERGE_CHUNK, TARGET_PROGRAMS
 from intactkv_modifier.kv_quant.fast_decode import static_kernel_decode
 from intactkv_modifier.kv_quant.static_cache import StaticKeyFavoredQuantizedLayer
-from intactkv_modifier.kv_quant.static_decode_kernel import EXACT_TILE
+from intactkv_modifier.kv_quant.static_decode_kernel import EXACT_TILE, TARGET_PROGRAMS
+
+#: A row's launch settings, in the order of the table's columns (``static_kernel_attention``'s keywords)
+TUNING_KEYS = ("tile", "target_programs", "num_warps", "exact_tile")
+
+
+def fastest_tuning(result: dict[str, Any], context: int) -> str:
+    """The fastest launch at ``context`` as ``kv_cache_speed.py --static-tuning`` takes it (``KEY=VALUE ...``)."""
+    rows = [row for row in result["rows"] if row["context"] == context and row["attention"].startswith("ours")]
+    if not rows:
+        raise SystemExit(f"no row of the static kernel at context {context}")
+    best = min(rows, key=lambda row: row["us"])
+    return " ".join(f"{key}={best[key]}" for key in TUNING_KEYS if key in best)
 
 
 def filled_layer(args: argparse.Namespace, context: int) -> tuple[StaticKeyFavoredQuantizedLayer, dict[str, Any]]:
@@ -81,10 +92,10 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         fp_ms = do_bench_cudagraph(lambda: fp_attention(step, fp_keys, fp_values), rep=args.rep_ms)
         rows.append({"context": context, "attention": "FP StaticCache (repeat_kv + sdpa)", "us": fp_ms * 1e3})
         logger.info(f"context {context}: FP {fp_ms * 1e3:.1f} us")
-        grid = itertools.product(args.tiles, args.targets, args.warps, args.chunks, args.exact_tiles)
+        grid = itertools.product(args.tiles, args.targets, args.warps, args.exact_tiles)
         tunings = [
-            {"tile": tile, "target_programs": target, "num_warps": warps, "merge_chunk": chunk, "exact_tile": exact}
-            for tile, target, warps, chunk, exact in grid
+            {"tile": tile, "target_programs": target, "num_warps": warps, "exact_tile": exact}
+            for tile, target, warps, exact in grid
         ]
         for tuning in [None, *tunings]:  # None: the kernel's own defaults, whatever they are
 
@@ -108,12 +119,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['prefix']}; seed {result['seed']}. Time of one layer's attention call (CUDA graph replay, "
              "mean of do_bench_cudagraph's replays); error relative to the largest output of sdpa over the step's "
              "read.",
-             "", "| context | attention | tile | target programs | warps | merge chunk | exact tile | µs | × FP | "
-             "rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| context | attention | tile | target programs | warps | exact tile | µs | × FP | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fp = {row["context"]: row["us"] for row in result["rows"] if row["attention"].startswith("FP")}
     for row in sorted(result["rows"], key=lambda row: (row["context"], row["us"])):
-        tuning = [str(row.get(key, "–")) for key in ("tile", "target_programs", "num_warps", "merge_chunk",
-                                                      "exact_tile")]
+        tuning = [str(row.get(key, "–")) for key in TUNING_KEYS]
         error = f"{row['relative_error']:.1e}" if "relative_error" in row else "–"
         name = row["attention"] + (" (defaults)" if row.get("defaults") else "")
         lines.append(f"| {row['context']} | {name} | {' | '.join(tuning)} | {row['us']:.1f} | "
@@ -124,11 +134,10 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--tiles", type=int, nargs="+", default=[32, 128, 256])
-    parser.add_argument("--targets", type=int, nargs="+", default=[TARGET_PROGRAMS, 1024])
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--chunks", type=int, nargs="+", default=[MERGE_CHUNK, 8])
-    parser.add_argument("--exact-tiles", type=int, nargs="+", default=[EXACT_TILE, 64])
+    parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--targets", type=int, nargs="+", default=[264, TARGET_PROGRAMS, 1056, 2112])
+    parser.add_argument("--warps", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--exact-tiles", type=int, nargs="+", default=[EXACT_TILE])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -139,7 +148,13 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=200, help="time each call this long (do_bench_cudagraph)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu/static-kernel-sweep"))
+    parser.add_argument("--fastest", type=int, metavar="CONTEXT",
+                        help="print only the fastest launch at CONTEXT of the sweep already in --out, as "
+                        "kv_cache_speed.py's --static-tuning takes it (the defaults print nothing)")
     args = parser.parse_args()
+    if args.fastest:
+        print(fastest_tuning(json.loads((args.out / "static_kernel_sweep.json").read_text()), args.fastest))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("the sweep times the Triton kernel on a CUDA device; none is here")
     import triton

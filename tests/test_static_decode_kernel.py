@@ -90,15 +90,15 @@ def test_attention_handed_other_keys_gets_no_layer(tiny_model_dirs):
 @pytest.mark.parametrize(
     ("tuning", "prefix"),
     [
-        ({"tile": 16, "target_programs": 256, "merge_chunk": 4}, 1),  # 38 splits of 16 tokens, merged 4 at a time
+        ({"tile": 16, "target_programs": 256}, 1),  # 38 splits of 16 tokens: 39 partial results, two merge steps
         ({"tile": 64, "target_programs": 8}, 0),  # 2 splits of 5 tiles, each tile 4 key groups
-        ({"tile": 128, "target_programs": 512, "num_warps": 8, "merge_chunk": 8, "exact_tile": 32}, 2),  # 5 splits,
+        ({"tile": 128, "target_programs": 512, "num_warps": 8, "exact_tile": 32}, 2),  # 5 splits,
         # the last tile past the filled slots; the 20-slot ring in one tile
     ],
 )
 def test_the_kernel_attends_every_slot_whatever_its_launch_tuning(tuning, prefix):
     """One layer after 581 tokens (the prefix, 560 or 576 quantized, the rest in the wrapped ring) of 600 slots:
-    the kernel's output for each tiling, split count and merge chunk is sdpa's over the step's read, within two
+    the kernel's output for each tiling and split count is sdpa's over the step's read, within two
     summation orders."""
     torch.manual_seed(0)
     batch, kv_heads, group, head_dim, tokens = 2, 2, 3, 32, 580

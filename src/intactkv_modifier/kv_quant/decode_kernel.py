@@ -10,8 +10,8 @@ every partial result. Memory read per step is therefore the packed bytes plus th
 scales, which is what makes a quantized cache faster than a full-precision one
 at long contexts instead of slower.
 
-The tiles, the running softmax and the merge are ``triton.jit`` building blocks
-that the static cache's kernels (:mod:`~intactkv_modifier.kv_quant.static_decode_kernel`)
+The tiles, the running softmax and the partial results' store are ``triton.jit``
+building blocks that the static cache's kernels (:mod:`~intactkv_modifier.kv_quant.static_decode_kernel`)
 share, with the launch helpers.
 
 Only imported when Triton is installed (``triton`` ships with CUDA builds of
@@ -35,13 +35,11 @@ __all__ = [
     "decode_attention",
     "launch_settings",
     "load_query",
-    "merge_partials",
     "partial_buffers",
     "quantized_arguments",
     "quantized_constants",
     "quantized_tiles",
     "split_plan",
-    "store_output",
     "store_partials",
 ]
 
@@ -164,12 +162,16 @@ def quantized_tiles(
 
 @triton.jit
 def store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, slot, running_max, running_sum, accumulated,
-                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """A partial result at ``slot`` (``GROUP_PAD`` rows of queries apart): its first ``ROWS`` rows, the ones a
+    merge reads (the padding rows of the dot hold no query)."""
     queries = tl.arange(0, GROUP_PAD)
     channels = tl.arange(0, HEAD_DIM)
-    tl.store(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :], accumulated)
-    tl.store(partial_max_ptr + slot * GROUP_PAD + queries, running_max)
-    tl.store(partial_sum_ptr + slot * GROUP_PAD + queries, running_sum)
+    stored = queries < ROWS
+    tl.store(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :], accumulated,
+             mask=stored[:, None])
+    tl.store(partial_max_ptr + slot * GROUP_PAD + queries, running_max, mask=stored)
+    tl.store(partial_sum_ptr + slot * GROUP_PAD + queries, running_sum, mask=stored)
 
 
 @triton.jit
@@ -247,7 +249,7 @@ def _quantized_partials_kernel(
         GROUP_PAD, HEAD_DIM, TILE, KEY_BITS, KEY_GROUP, VALUE_BITS, VALUE_GROUP, MASK_KIND, PRECISION,
     )
     store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program * splits + split,
-                   running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
+                   running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM, GROUP_PAD)
 
 
 @triton.jit(do_not_specialize=_MERGE_DYNAMIC)
