@@ -45,8 +45,6 @@ __all__ = [
 
 #: Programs to aim for, so that a small batch still fills the GPU (an H100 has 132 SMs)
 TARGET_PROGRAMS = 264
-#: Partial results a merge loads at once: one at a time (the kernels validated on the GPU; see ``merge_partials``)
-MERGE_CHUNK = 1
 #: Masked scores: finite, so that a fully masked tile cannot turn the running maximum into NaN
 MASKED = tl.constexpr(-1.0e30)
 
@@ -197,38 +195,20 @@ def store_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, slot, runn
 @triton.jit
 def merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
                    running_max, running_sum, accumulated,
-                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
-    """Fold the ``splits`` partial results of ``program`` into a running softmax; the normalized output.
-
-    ``CHUNK`` partial results per step of the loop, loaded together (``[CHUNK, GROUP_PAD, HEAD_DIM]`` floats in
-    registers) when above 1.
-    """
+                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold the ``splits`` partial results of ``program``, one at a time, into a running softmax; the normalized
+    output. (The static kernels merge in parallel: ``static_decode_kernel._static_merge_kernel``.)"""
     queries = tl.arange(0, GROUP_PAD)
     channels = tl.arange(0, HEAD_DIM)
-    if CHUNK == 1:
-        for split in range(0, splits):
-            slot = program * splits + split
-            partial_max = tl.load(partial_max_ptr + slot * GROUP_PAD + queries)
-            new_max = tl.maximum(running_max, partial_max)
-            mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max)
-            partial = tl.load(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :])
-            accumulated = accumulated * mine[:, None] + partial * theirs[:, None]
-            running_sum = running_sum * mine + tl.load(partial_sum_ptr + slot * GROUP_PAD + queries) * theirs
-            running_max = new_max
-    else:
-        for first in range(0, splits, CHUNK):
-            split = first + tl.arange(0, CHUNK)
-            present = (split < splits)[:, None]
-            slots = (program * splits + split)[:, None] * GROUP_PAD + queries[None, :]  # [CHUNK, GROUP_PAD]
-            partial_max = tl.load(partial_max_ptr + slots, mask=present, other=MASKED)
-            new_max = tl.maximum(running_max, tl.max(partial_max, axis=0))
-            mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max[None, :])
-            partial = tl.load(partial_out_ptr + slots[:, :, None] * HEAD_DIM + channels[None, None, :],
-                              mask=present[:, :, None], other=0.0)
-            accumulated = accumulated * mine[:, None] + tl.sum(partial * theirs[:, :, None], axis=0)
-            partial_sum = tl.load(partial_sum_ptr + slots, mask=present, other=0.0)
-            running_sum = running_sum * mine + tl.sum(partial_sum * theirs, axis=0)
-            running_max = new_max
+    for split in range(0, splits):
+        slot = program * splits + split
+        partial_max = tl.load(partial_max_ptr + slot * GROUP_PAD + queries)
+        new_max = tl.maximum(running_max, partial_max)
+        mine, theirs = tl.exp(running_max - new_max), tl.exp(partial_max - new_max)
+        partial = tl.load(partial_out_ptr + (slot * GROUP_PAD + queries[:, None]) * HEAD_DIM + channels[None, :])
+        accumulated = accumulated * mine[:, None] + partial * theirs[:, None]
+        running_sum = running_sum * mine + tl.load(partial_sum_ptr + slot * GROUP_PAD + queries) * theirs
+        running_max = new_max
     return accumulated / running_sum[:, None]
 
 
@@ -281,7 +261,7 @@ def _exact_and_merge_kernel(
     out_ptr, o_row, o_head, o_group,
     kv_heads, exact_tokens, splits, scaling,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
 ):
     program = tl.program_id(0)
     row, head = program // kv_heads, program % kv_heads
@@ -302,7 +282,7 @@ def _exact_and_merge_kernel(
             running_max, running_sum, accumulated, MASK_KIND, PRECISION,
         )
     output = merge_partials(partial_out_ptr, partial_max_ptr, partial_sum_ptr, program, splits,
-                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM, CHUNK)
+                            running_max, running_sum, accumulated, GROUP_PAD, HEAD_DIM)
     store_output(out_ptr, row, head, o_row, o_head, o_group, output.to(query.dtype), GROUP, GROUP_PAD, HEAD_DIM)
 
 
@@ -414,6 +394,6 @@ def decode_attention(
         *partials,
         output, output.stride(0), output.stride(1), output.stride(2),
         kv_heads, exact_keys.shape[2], splits, scaling,
-        TILE=16, CHUNK=MERGE_CHUNK, **common,
+        TILE=16, **common,
     )
     return output
