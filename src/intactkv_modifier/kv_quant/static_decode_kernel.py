@@ -48,7 +48,8 @@ __all__ = ["static_kernel_attention"]
 #: Programs attending quantized slots to aim for, with their warps: the fastest launch of
 #: ``benchmarks/static_kernel_sweep.py`` at 16K tokens, batch 1, 8 KV heads on an H200 (39.9 µs a layer against
 #: 50.7 at the dynamic kernel's 264 programs of 4 warps); twice the dynamic kernel's programs, as the merge no
-#: longer grows with them. With the tiles' side-by-side code loads, 25.7 µs at this launch (not swept again)
+#: longer grows with them. With the tiles' side-by-side code loads 25.7 µs here; swept again, 1056 programs took
+#: 24.3 µs alone but decoded no faster end to end (486.5 against 489.2 tok/s), so this launch stays
 TARGET_PROGRAMS = 528
 NUM_WARPS = 2
 #: Exact tokens (prefix, ring) a step of the exact split's loops attends
