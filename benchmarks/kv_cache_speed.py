@@ -35,7 +35,8 @@ that refuses the model is listed with its error. ``--profile-context N`` adds
 ``kv_cache_profile.md``: torch.profiler's top ops of batch-1 decoding at context
 ``N``, FP cache against ours K4V2 packed (and with ``--compiled`` FP ``StaticCache``
 against ours static), with each step's wall time and, on a GPU, the device's busy
-time: which says where a shortfall comes from. ``--rows`` keeps only some caches (FP
+time: which says where a shortfall comes from; for the eager rows also the Python the caches and attention
+functions run a step (cProfile). ``--rows`` keeps only some caches (FP
 ``DynamicCache`` always, every ratio's base); ``--static-tuning KEY=VALUE ...`` sets
 the launch of ours static's Triton kernel for the run (``static_kernel_attention``'s
 keywords: what ``static_kernel_sweep.py`` measured alone, measured end to end).
@@ -63,12 +64,14 @@ Writes ``kv_cache_speed.json`` and ``kv_cache_speed.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import importlib.metadata
 import inspect
 import json
 import os
 import platform
+import pstats
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -436,7 +439,32 @@ def profile_batch1(args: argparse.Namespace, kinds: list[CacheKind]) -> str:
         for order in orders:
             table = profiler.key_averages().table(sort_by=order, row_limit=15, max_name_column_width=60)
             sections += [f"By {order}:", "", "```", table, "```", ""]
+        if not kind.compiled:
+            cache = decoder.filled(kind, kv, 1)
+            sections += python_profile(lambda: decoder.decode(kind, cache, first, context, args.steps), args.steps)
     return "\n".join(sections)
+
+
+#: the Python a step runs around the model's own layers: the caches, the attention functions, Triton's launcher
+_HOST_PATHS = ("intactkv_modifier", "cache_utils", "sdpa_attention", "triton/runtime")
+
+
+def python_profile(decode: Callable[[], float], steps: int) -> list[str]:
+    """The cache's and attention's Python per step (cProfile's cumulative time): what an eager step's host
+    time beyond FP's is spent on, where the torch.profiler tables show only the ops it ends in."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    rate = decode()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((cumulative, calls, f"{Path(file).name}:{line}({name})")
+                   for (file, line, name), (_, calls, _, cumulative, _) in stats.items()
+                   if any(part in file for part in _HOST_PATHS)), reverse=True)[:20]
+    table = ["| function | calls a step | cumulative µs a step |", "|---|---|---|"]
+    table += [f"| `{where}` | {calls / steps:.0f} | {cumulative * 1e6 / steps:.0f} |"
+              for cumulative, calls, where in rows]
+    return [f"Python under cProfile ({rate:.1f} tok/s, {1e6 / rate:.0f} us a step; cProfile slows every call, so "
+            "compare rows, not totals), the cache's and attention's functions by cumulative time:", "", *table, ""]
 
 
 # perplexity ----------------------------------------------------------------------------
